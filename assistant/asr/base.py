@@ -1,0 +1,42 @@
+"""The Transcriber contract every ASR backend fulfils."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from assistant.config import Task
+from assistant.messages import Audio, Span, Transcript
+
+
+class Transcriber(Protocol):
+    """Audio in, transcript out. Times in the returned segments are relative to each ``Audio``'s own start."""
+
+    @property
+    def description(self) -> str:
+        """Backend and model, for logs and JSON output (e.g. ``faster-whisper whisper-base int8 cpu``)."""
+        ...
+
+    @property
+    def batch_size(self) -> int:
+        """How many windows ``transcribe_many`` decodes together with profit on this device."""
+        ...
+
+    def supports_language(self, language: str) -> bool: ...
+
+    def detect_language(self, audio: Audio) -> str: ...
+
+    def transcribe_many(
+        self, audios: Sequence[Audio], *, language: str | None, task: Task = "transcribe", timestamps: bool = True
+    ) -> list[Transcript]: ...
+
+
+def language_error(language: str, model: str) -> str:
+    hint = " (Cantonese 'yue' needs whisper-large-v3; use 'zh' otherwise)" if language == "yue" else ""
+    return f"model '{model}' does not know language {language!r}{hint}; use a language code it supports or 'auto'"
+
+
+class VoiceActivityDetector(Protocol):
+    def speech_spans(self, audio: Audio) -> list[Span]:
+        """Speech in ``audio``, in seconds from the start of ``audio``'s source."""
+        ...

@@ -1,0 +1,193 @@
+"""ASR backend on transformers' Whisper: fp16 + SDPA on CUDA, float32 on CPU.
+
+Long audio goes through ``WhisperForConditionalGeneration.generate`` with the whole (unclipped) features and an
+attention mask: the sequential long-form algorithm transformers recommends, which seeks on predicted timestamps
+instead of stitching overlapping 30 s chunks (the pipeline's ``chunk_length_s`` path, which has known timestamp and
+boundary bugs). Windows of several pieces are decoded in one batch, long-form included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from assistant.asr.base import language_error
+from assistant.config import AsrConfig, Task
+from assistant.errors import AsrError, ConfigError, ModelLoadError
+from assistant.messages import SAMPLE_RATE, Audio, Segment, Transcript
+from assistant.models import ModelLocation, cache_dir, hub_unreachable, resolve_model
+
+_WINDOW_FRAMES = 3000  # mel frames in Whisper's 30 s window
+# transformers measures compression on token bytes, openai/whisper on text; its docs pair 1.35 with openai's 2.4.
+_TOKEN_COMPRESSION_PER_TEXT_COMPRESSION = 1.35 / 2.4
+
+
+class WhisperHFTranscriber:
+    def __init__(self, config: AsrConfig) -> None:
+        import torch
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        self._config = config
+        self._device = _device(config.device, torch.cuda.is_available())
+        self._dtype = _dtype(config.dtype, self._device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        source = _model_source(resolve_model(config.model, sha256=config.sha256))
+        try:
+            self._processor = WhisperProcessor.from_pretrained(source)
+            self._model = WhisperForConditionalGeneration.from_pretrained(
+                source, dtype=self._dtype, attn_implementation=_attention(config.attention, self._device)
+            ).to(self._device)
+        except OSError as exc:
+            if not Path(source).exists():
+                raise hub_unreachable(config.model, exc) from None
+            raise ModelLoadError(f"cannot load '{config.model}' with transformers: {exc}") from None
+        self._model.eval()
+        self._languages = {
+            token.strip("<|>"): token_id for token, token_id in self._model.generation_config.lang_to_id.items()
+        }
+
+    @property
+    def description(self) -> str:
+        dtype = str(self._dtype).removeprefix("torch.")
+        return f"whisper-hf {self._config.model} {dtype} {self._device} {self._model.config._attn_implementation}"
+
+    @property
+    def batch_size(self) -> int:
+        return self._config.batch_size
+
+    def supports_language(self, language: str) -> bool:
+        return language in self._languages
+
+    def detect_language(self, audio: Audio) -> str:
+        import torch
+
+        features = self._features([audio])["input_features"][:, :, :_WINDOW_FRAMES]
+        with torch.inference_mode():
+            token_ids = self._model.detect_language(features)
+        by_id = {token_id: code for code, token_id in self._languages.items()}
+        return by_id[int(token_ids[0])]
+
+    def transcribe_many(
+        self, audios: Sequence[Audio], *, language: str | None, task: Task = "transcribe", timestamps: bool = True
+    ) -> list[Transcript]:
+        if language and not self.supports_language(language):
+            raise AsrError(language_error(language, self._config.model))
+        order = sorted(range(len(audios)), key=lambda i: -len(audios[i].samples))  # similar lengths batch together
+        results: dict[int, Transcript] = {}
+        for first in range(0, len(order), self.batch_size):
+            indexes = order[first : first + self.batch_size]
+            batch = [audios[i] for i in indexes]
+            for index, transcript in zip(indexes, self._transcribe_batch(batch, language, task), strict=True):
+                results[index] = transcript
+        return [results[i] for i in range(len(audios))]
+
+    def _features(self, audios: Sequence[Audio]) -> dict[str, Any]:
+        arrays = [audio.samples for audio in audios]
+        longest = max(len(a) for a in arrays)
+        if longest > _WINDOW_FRAMES * 160:  # long-form: keep every frame, mask the padding
+            inputs = self._processor(
+                arrays, sampling_rate=SAMPLE_RATE, return_tensors="pt", truncation=False, padding="longest",
+                return_attention_mask=True,
+            )  # fmt: skip
+        else:
+            inputs = self._processor(
+                arrays, sampling_rate=SAMPLE_RATE, return_tensors="pt", return_attention_mask=True
+            )
+        return {
+            "input_features": inputs["input_features"].to(self._device, self._dtype),
+            "attention_mask": inputs["attention_mask"].to(self._device),
+        }
+
+    def _transcribe_batch(self, audios: Sequence[Audio], language: str | None, task: Task) -> list[Transcript]:
+        import torch
+
+        inputs = self._features(audios)
+        with torch.inference_mode():
+            output = self._model.generate(**inputs, **self._generate_options(language, task))
+        tokenizer = self._processor.tokenizer
+        transcripts = []
+        for audio, segments in zip(audios, output["segments"], strict=True):
+            found = []
+            for segment in segments:
+                text = tokenizer.decode(segment["tokens"], skip_special_tokens=True).strip()
+                if text:
+                    found.append(Segment(float(segment["start"]), float(segment["end"]), text))
+            transcripts.append(
+                Transcript(" ".join(s.text for s in found), language, tuple(found), audio_s=audio.duration_s)
+            )
+        return transcripts
+
+    def _generate_options(self, language: str | None, task: Task) -> dict[str, Any]:
+        config = self._config
+        options: dict[str, Any] = {
+            "task": task,
+            "language": language,
+            "return_timestamps": True,
+            "return_segments": True,
+            "num_beams": config.beam_size,
+            "condition_on_prev_tokens": config.condition_on_previous_text,
+            "temperature": config.temperatures if len(config.temperatures) > 1 else config.temperatures[0],
+            "logprob_threshold": config.logprob_threshold,
+            "no_speech_threshold": config.no_speech_threshold,
+        }
+        if config.compression_ratio_threshold is not None:
+            options["compression_ratio_threshold"] = (
+                config.compression_ratio_threshold * _TOKEN_COMPRESSION_PER_TEXT_COMPRESSION
+            )
+        if config.initial_prompt:
+            options["prompt_ids"] = self._processor.get_prompt_ids(config.initial_prompt, return_tensors="pt").to(
+                self._device
+            )
+        return options
+
+
+def _model_source(location: ModelLocation) -> str:
+    """A directory (or hub id) transformers can load; CTranslate2 models are converted once into the cache."""
+    if location.format == "hub":
+        return location.ref
+    assert location.path is not None
+    if location.format == "hf":
+        return str(location.path)
+    if location.format != "ct2":
+        raise ConfigError(f"asr.model '{location.ref}' is a {location.format} file, not a Whisper model")
+    from assistant.asr.ct2_to_hf import convert_ct2_whisper, is_converted
+
+    model_bin = location.path / "model.bin"
+    stamp = f"{model_bin.stat().st_size}-{model_bin.stat().st_mtime_ns}"
+    target = cache_dir() / "converted" / f"{location.path.name}-{stamp}"
+    if not is_converted(target):
+        convert_ct2_whisper(location.path, target)
+    return str(target)
+
+
+def _device(device: str, cuda_available: bool) -> str:
+    if device == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if device.startswith("cuda") and not cuda_available:
+        raise ConfigError(f"asr.device {device!r}: CUDA is not available here; use 'auto' or 'cpu'")
+    return device
+
+
+def _dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in choices:
+        raise ConfigError(f"asr.dtype {dtype!r} is not available with whisper-hf; choose auto, {', '.join(choices)}")
+    return choices[dtype]
+
+
+def _attention(attention: str, device: str) -> str:
+    if attention != "auto":
+        return attention
+    if device.startswith("cuda"):
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return "sdpa"
+        return "flash_attention_2"
+    return "sdpa"

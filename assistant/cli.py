@@ -1,0 +1,213 @@
+"""Command line: ``assistant transcribe | models``. Thin: it builds config and pipeline, and reports."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from assistant.config import Config, load_config, to_dict
+from assistant.errors import AssistantError, AsrError, OutputError
+
+MEDIA_SUFFIXES = frozenset(
+    ".wav .mp3 .m4a .aac .flac .ogg .oga .opus .wma .webm .mp4 .m4v .mkv .mov .avi .amr .aiff .aif .3gp".split()
+)
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except AssistantError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="assistant", description="Local, private voice assistant pipeline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    transcribe = commands.add_parser("transcribe", help="transcribe audio/video files to text and subtitles")
+    transcribe.add_argument("paths", nargs="+", metavar="PATH", help="files, directories or glob patterns")
+    _add_config_options(transcribe)
+    transcribe.add_argument("--model", help="offline bundle name, local model directory or hub id (asr.model)")
+    transcribe.add_argument("--backend", help="ASR backend: faster-whisper or whisper-hf (asr.backend)")
+    transcribe.add_argument("--language", help="zh, en, yue, ... or auto (asr.language)")
+    transcribe.add_argument("--task", choices=("transcribe", "translate"), help="translate = into English")
+    transcribe.add_argument("--format", help="comma-separated: txt,srt,vtt,json,tsv (transcribe.formats)")
+    transcribe.add_argument("--output-dir", help="where outputs go; default: next to each input")
+    transcribe.add_argument("--no-vad", action="store_true", help="transcribe silences too (vad.enabled=false)")
+    transcribe.add_argument("--quiet", action="store_true", help="no progress bars")
+    transcribe.set_defaults(handler=_transcribe)
+
+    models = commands.add_parser("models", help="list the offline model bundles and whether they are installed")
+    models.add_argument("--verify", action="store_true", help="assemble and check each installed bundle's sha256")
+    models.set_defaults(handler=_models)
+    return parser
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML configuration file (see configs/)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one option, e.g. asr.beam_size=5"
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of unexpected errors")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    flags = {
+        "asr.model": args.model,
+        "asr.backend": args.backend,
+        "asr.language": args.language,
+        "asr.task": args.task,
+        "transcribe.formats": args.format,
+        "transcribe.output_dir": args.output_dir,
+    }
+    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.no_vad:
+        overrides.append("vad.enabled=false")
+    return overrides + list(args.set)
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    config = load_config(args.config, _overrides(args))
+    if args.print_config:
+        print(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
+        return EXIT_OK
+    inputs, missing = expand_inputs(args.paths)
+    for pattern in missing:
+        print(f"audio-decode: cannot read '{pattern}': no such file, directory or matching pattern", file=sys.stderr)
+    if not inputs:
+        return EXIT_SOME_FAILED if missing else EXIT_USAGE
+
+    from assistant.pipeline import TranscriptionPipeline
+    from assistant.io.progress import Progress
+
+    pipeline = TranscriptionPipeline.from_config(config)
+    failures = len(missing)
+    namer = OutputNamer(config)
+    with Progress(inputs, enabled=not args.quiet) as progress:
+        for path in inputs:
+            try:
+                result = pipeline.transcribe_file(path, on_progress=progress.file_progress(path))
+                written = namer.write(path, result, pipeline.transcriber.description)
+            except AssistantError as exc:
+                failures += 1
+                where = "" if str(path) in exc.message else f"'{path}': "
+                progress.print(f"{exc.code}: {where}{exc.message}")
+                continue
+            except Exception as exc:  # one broken file must not stop the batch
+                failures += 1
+                progress.print(f"{AsrError.code}: '{path}': unexpected {type(exc).__name__}: {exc}")
+                if args.debug:
+                    progress.print(traceback.format_exc())
+                continue
+            finally:
+                progress.file_done(path)
+            audio_s, wall_s = result.transcript.audio_s, result.timings.total_s
+            speed = f"{audio_s / wall_s:.1f}x real time" if wall_s > 0 else ""
+            progress.print(f"{path}: {audio_s:.1f} s in {wall_s:.1f} s ({speed}) -> {', '.join(map(str, written))}")
+    if failures:
+        print(f"{failures} of {len(inputs) + len(missing)} inputs failed", file=sys.stderr)
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def expand_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Files as given, media files under directories (recursively), and glob matches; plus what matched nothing."""
+    found: list[Path] = []
+    missing: list[str] = []
+    for pattern in patterns:
+        matches = [Path(pattern)] if os.path.lexists(pattern) else [Path(p) for p in sorted(glob.glob(pattern))]
+        if not matches:
+            missing.append(pattern)
+        for match in matches:
+            found.extend(_media_files(match) if match.is_dir() else [match])
+    unique = {path.resolve(): path for path in reversed(found)}  # first spelling of each file wins
+    return list(reversed(unique.values())), missing
+
+
+def _media_files(directory: Path) -> Iterator[Path]:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.suffix.lower() in MEDIA_SUFFIXES:
+            yield path
+
+
+class OutputNamer:
+    """Writes each format beside the input (or in output_dir), never overwriting another input's output."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._taken: set[Path] = set()
+
+    def write(self, source: Path, result: object, model: str) -> list[Path]:
+        from assistant.asr.writers import WRITERS
+        from assistant.pipeline import FileResult
+
+        assert isinstance(result, FileResult)
+        directory = Path(self._config.transcribe.output_dir) if self._config.transcribe.output_dir else source.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output directory '{directory}': {exc.strerror}") from None
+        stem = self._free_stem(directory, source.stem)
+        meta = {
+            "source": str(source),
+            "model": model,
+            "task": self._config.asr.task,
+            "timings": {
+                "decode_s": round(result.timings.decode_s, 3),
+                "vad_s": round(result.timings.vad_s, 3),
+                "asr_s": round(result.timings.asr_s, 3),
+                "total_s": round(result.timings.total_s, 3),
+            },
+        }
+        written = []
+        for fmt in self._config.transcribe.formats:
+            target = directory / f"{stem}.{fmt}"
+            _atomic_write(target, WRITERS[fmt](result.transcript, meta))
+            written.append(target)
+        return written
+
+    def _free_stem(self, directory: Path, stem: str) -> str:
+        candidate, number = stem, 1
+        while any((directory / f"{candidate}.{fmt}") in self._taken for fmt in self._config.transcribe.formats):
+            number += 1
+            candidate = f"{stem}-{number}"
+        self._taken.update(directory / f"{candidate}.{fmt}" for fmt in self._config.transcribe.formats)
+        return candidate
+
+
+def _atomic_write(target: Path, text: str) -> None:
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OutputError(f"cannot write '{target}': {exc.strerror}; check the directory's permissions and space")
+
+
+def _models(args: argparse.Namespace) -> int:
+    from assistant.models import OFFLINE_BUNDLES, bundle_status, install_bundle
+
+    for bundle in OFFLINE_BUNDLES.values():
+        status = bundle_status(bundle)
+        if args.verify and status != "not installed":
+            status = f"verified, {install_bundle(bundle)}"
+        print(f"{bundle.name:16} {bundle.format:5} {status:40} {bundle.description}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Typed, frozen configuration read from YAML.
+
+Every option is declared once, here, as a dataclass field with its default; the defaults are the offline CPU
+configuration (``configs/default.yaml`` spells the same values out). Unknown keys and wrong types are rejected with
+their dotted path, and ``--set a.b=c`` overrides go through the same validation as the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from assistant import registry
+from assistant.errors import ConfigError
+
+Task = Literal["transcribe", "translate"]
+ZhScript = Literal["simplified", "traditional", "as-is"]
+OutputFormat = Literal["txt", "srt", "vtt", "json", "tsv"]
+
+
+@dataclass(frozen=True)
+class AsrConfig:
+    backend: str = "faster-whisper"  # a name in registry.ASR_BACKENDS
+    model: str = "whisper-base"  # offline bundle name, local directory, or hub id
+    sha256: str | None = None  # checks a local model.bin / model.safetensors when set
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 | int8 | int8_float16 (faster-whisper)
+    attention: str = "auto"  # whisper-hf: auto | sdpa | flash_attention_2 | eager
+    threads: int = 0  # CPU threads, 0 = all cores
+    chunk_s: float = 30.0  # longest audio piece sent to the model in one window, seconds
+    batch_size: int = 16  # windows decoded together (GPU); CPU backends cap it to what helps
+    language: str | None = None  # None = detect; zh, en, yue, ...
+    task: Task = "transcribe"
+    zh_script: ZhScript = "simplified"  # applied when the language is zh
+    initial_prompt: str | None = None
+    beam_size: int = 1  # 1 = greedy
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # fallback ladder
+    compression_ratio_threshold: float | None = 2.4  # gzip ratio of the text, as in openai/whisper
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    condition_on_previous_text: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in registry.ASR_BACKENDS:
+            raise ConfigError(
+                f"asr.backend: unknown backend {self.backend!r}; choose one of {registry.names('asr')}"
+            )
+        _require(self.chunk_s > 0 and self.chunk_s <= 30, "asr.chunk_s", self.chunk_s, "a number in (0, 30]")
+        _require(self.batch_size >= 1, "asr.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.beam_size >= 1, "asr.beam_size", self.beam_size, "an integer >= 1")
+        _require(self.threads >= 0, "asr.threads", self.threads, "0 (all cores) or a positive integer")
+        _require(len(self.temperatures) > 0, "asr.temperatures", self.temperatures, "a non-empty list")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "asr.device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    enabled: bool = True
+    backend: str = "silero"  # a name in registry.VAD_BACKENDS
+    threshold: float = 0.5  # speech probability above which a frame is speech
+    min_speech_ms: int = 250  # shorter bursts are noise
+    min_silence_ms: int = 500  # a pause at least this long ends a speech region
+    speech_pad_ms: int = 200  # kept on both sides of each region so word edges are not clipped
+
+    def __post_init__(self) -> None:
+        if self.backend not in registry.VAD_BACKENDS:
+            raise ConfigError(f"vad.backend: unknown backend {self.backend!r}; choose one of {registry.names('vad')}")
+        _require(0 < self.threshold < 1, "vad.threshold", self.threshold, "a number between 0 and 1")
+
+
+@dataclass(frozen=True)
+class TranscribeConfig:
+    formats: tuple[OutputFormat, ...] = ("txt", "srt")
+    output_dir: str | None = None  # None = next to each input file
+    block_s: float = 600.0  # audio decoded and processed at a time; bounds memory for long recordings
+
+    def __post_init__(self) -> None:
+        _require(self.block_s >= 60, "transcribe.block_s", self.block_s, "at least 60 seconds")
+        _require(len(self.formats) > 0, "transcribe.formats", self.formats, "at least one of txt, srt, vtt, json, tsv")
+
+
+@dataclass(frozen=True)
+class Config:
+    asr: AsrConfig = field(default_factory=AsrConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    transcribe: TranscribeConfig = field(default_factory=TranscribeConfig)
+
+
+def _require(ok: bool, path: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {value!r} is not valid; expected {expected}")
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file, then ``key.path=value`` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(data, key, value)
+    return build(Config, data, "")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc.strerror}; check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"'{path}' is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{path}' must hold a mapping of sections (asr:, vad:, ...), not {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. asr.beam_size=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[last] = value
+
+
+def build(cls: type, data: Any, path: str) -> Any:
+    """Turn a YAML mapping into the dataclass ``cls``, checking every key and type on the way."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!s}; valid keys{' in ' + path if path else ''}: {', '.join(fields)}"
+        )
+    values = {name: _convert(hints[name], data[name], _join(path, name)) for name in data}
+    try:
+        return cls(**values)
+    except TypeError as exc:  # pragma: no cover - every field has a default
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value if value is not None else {}, path)
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        item_hint = get_args(hint)[0]
+        items = value if isinstance(value, list | tuple) else [value]
+        if isinstance(value, str) and "," in value:
+            items = [part.strip() for part in value.split(",") if part.strip()]
+        return tuple(_convert(item_hint, item, f"{path}[{i}]") for i, item in enumerate(items))
+    return _convert_scalar(hint, value, path)
+
+
+def _convert_scalar(hint: Any, value: Any, path: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - a type this loader was not taught
+        raise ConfigError(f"{path}: unsupported option type {hint!r}")
+    raise ConfigError(f"{path}: expected {hint.__name__}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The configuration as plain data (for JSON output and ``--print-config``)."""
+    return dataclasses.asdict(config)

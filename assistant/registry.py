@@ -1,0 +1,37 @@
+"""Component registry: one dict per stage kind, name -> "module:Class". Backends are imported only when chosen."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from assistant.errors import ConfigError
+
+ASR_BACKENDS: dict[str, str] = {
+    "faster-whisper": "assistant.asr.faster_whisper:FasterWhisperTranscriber",
+    "whisper-hf": "assistant.asr.whisper_hf:WhisperHFTranscriber",
+}
+
+VAD_BACKENDS: dict[str, str] = {
+    "silero": "assistant.asr.vad:SileroVad",
+}
+
+_KINDS: dict[str, dict[str, str]] = {"asr": ASR_BACKENDS, "vad": VAD_BACKENDS}
+
+
+def names(kind: str) -> str:
+    return ", ".join(sorted(_KINDS[kind]))
+
+
+def resolve(kind: str, name: str) -> Any:
+    """The class registered as ``name`` for stage ``kind``, imported now."""
+    table = _KINDS[kind]
+    if name not in table:
+        raise ConfigError(f"unknown {kind} backend {name!r}; choose one of {names(kind)}")
+    module_name, _, class_name = table[name].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name)
+
+
+def create(kind: str, name: str, *args: Any, **kwargs: Any) -> Any:
+    return resolve(kind, name)(*args, **kwargs)
