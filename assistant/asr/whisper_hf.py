@@ -27,7 +27,10 @@ class WhisperHFTranscriber:
     def __init__(self, config: AsrConfig) -> None:
         import torch
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # our own progress bar reports; theirs would interleave
+        transformers_logging.set_verbosity_error()  # generate() warns about options its own Whisper code passes
         self._config = config
         self._device = _device(config.device, torch.cuda.is_available())
         self._dtype = _dtype(config.dtype, self._device)

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,9 @@ class AudioInfo:
 def _tool(name: str) -> str:
     from pydub.utils import get_encoder_name, get_prober_name
 
-    found = get_encoder_name() if name == "ffmpeg" else get_prober_name()
+    with warnings.catch_warnings():  # pydub warns when it finds neither; we raise a clearer error below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        found = get_encoder_name() if name == "ffmpeg" else get_prober_name()
     resolved = shutil.which(found)
     if resolved is None:
         raise AudioDecodeError(FFMPEG_MISSING)

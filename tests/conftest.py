@@ -1,0 +1,115 @@
+"""Shared fixtures: synthetic audio, spoken test sentences (espeak-ng), fakes for the stages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from assistant.messages import SAMPLE_RATE, Audio, Segment, Transcript
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when something optional is missing on a developer machine; in CI everything must be there."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"CI must provide this: {reason}")
+        pytest.skip(reason)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    require(path is not None, f"{name} is not installed")
+    assert path is not None
+    return path
+
+
+def speak(text: str, target: Path, *, voice: str = "en-us", words_per_minute: int = 150) -> Path:
+    """Synthesise ``text`` with espeak-ng into a 16 kHz mono wav."""
+    require_tool("espeak-ng")
+    ffmpeg = require_tool("ffmpeg")
+    raw = target.with_suffix(".espeak.wav")
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(words_per_minute), "-w", str(raw), text], check=True)
+    subprocess.run([ffmpeg, "-loglevel", "error", "-y", "-i", str(raw), "-ar", "16000", "-ac", "1", str(target)],
+                   check=True)  # fmt: skip
+    raw.unlink()
+    return target
+
+
+def write_wav(path: Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
+    import soundfile
+
+    soundfile.write(str(path), samples.astype(np.float32), sample_rate, subtype="PCM_16")
+    return path
+
+
+def tone(seconds: float, frequency: float = 440.0, amplitude: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (amplitude * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
+
+
+def ffmpeg_generate(target: Path, *args: str) -> Path:
+    ffmpeg = require_tool("ffmpeg")
+    subprocess.run([ffmpeg, "-loglevel", "error", "-y", *args, str(target)], check=True)
+    return target
+
+
+class FakeTranscriber:
+    """Says which piece of audio it heard: one segment per window, text = the window's start time."""
+
+    description = "fake"
+
+    def __init__(self, batch_size: int = 2, language: str = "en", text: str | None = None) -> None:
+        self.batch_size = batch_size
+        self.detected = language
+        self.text = text
+        self.calls: list[list[tuple[float, float]]] = []
+        self.detect_calls = 0
+
+    def supports_language(self, language: str) -> bool:
+        return language in ("en", "zh", "de")
+
+    def detect_language(self, audio: Audio) -> str:
+        self.detect_calls += 1
+        return self.detected
+
+    def transcribe_many(
+        self, audios: Sequence[Audio], *, language: str | None, task: str = "transcribe", timestamps: bool = True
+    ) -> list[Transcript]:
+        self.calls.append([(a.start_s, a.end_s) for a in audios])
+        results = []
+        for audio in audios:
+            text = self.text or f"window at {audio.start_s:.1f}"
+            segment = Segment(0.0, audio.duration_s + 5.0, text)  # runs past the end on purpose: must be clipped
+            results.append(Transcript(text, language, (segment,), audio.duration_s))
+        return results
+
+
+class EnergyVad:
+    """A deterministic stand-in for Silero: speech wherever 100 ms frames have energy."""
+
+    def speech_spans(self, audio: Audio):
+        from assistant.messages import Span
+
+        frame = SAMPLE_RATE // 10
+        count = len(audio.samples) // frame
+        loud = np.abs(audio.samples[: count * frame].reshape(count, frame)).max(axis=1) > 0.01
+        spans: list[Span] = []
+        for index, is_loud in enumerate(loud):
+            start = audio.start_s + index * 0.1
+            if is_loud and spans and abs(spans[-1].end_s - start) < 1e-6:
+                spans[-1] = Span(spans[-1].start_s, start + 0.1)
+            elif is_loud:
+                spans.append(Span(start, start + 0.1))
+        return spans
