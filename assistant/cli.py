@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from assistant.config import Config, load_config, to_dict
-from assistant.errors import AssistantError, AsrError, OutputError
+from assistant.errors import AsrError, AssistantError, OutputError
 
 MEDIA_SUFFIXES = frozenset(
     ".wav .mp3 .m4a .aac .flac .ogg .oga .opus .wma .webm .mp4 .m4v .mkv .mov .avi .amr .aiff .aif .3gp".split()
@@ -91,8 +91,8 @@ def _transcribe(args: argparse.Namespace) -> int:
     if not inputs:
         return EXIT_SOME_FAILED if missing else EXIT_USAGE
 
-    from assistant.pipeline import TranscriptionPipeline
     from assistant.io.progress import Progress
+    from assistant.pipeline import TranscriptionPipeline
 
     pipeline = TranscriptionPipeline.from_config(config)
     failures = len(missing)
@@ -195,7 +195,9 @@ def _atomic_write(target: Path, text: str) -> None:
         os.replace(partial, target)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise OutputError(f"cannot write '{target}': {exc.strerror}; check the directory's permissions and space")
+        raise OutputError(
+            f"cannot write '{target}': {exc.strerror}; check the directory's permissions and free space"
+        ) from None
 
 
 def _models(args: argparse.Namespace) -> int:

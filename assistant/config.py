@@ -49,9 +49,7 @@ class AsrConfig:
 
     def __post_init__(self) -> None:
         if self.backend not in registry.ASR_BACKENDS:
-            raise ConfigError(
-                f"asr.backend: unknown backend {self.backend!r}; choose one of {registry.names('asr')}"
-            )
+            raise ConfigError(f"asr.backend: unknown backend {self.backend!r}; choose one of {registry.names('asr')}")
         _require(self.chunk_s > 0 and self.chunk_s <= 30, "asr.chunk_s", self.chunk_s, "a number in (0, 30]")
         _require(self.batch_size >= 1, "asr.batch_size", self.batch_size, "an integer >= 1")
         _require(self.beam_size >= 1, "asr.beam_size", self.beam_size, "an integer >= 1")

