@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -95,3 +96,21 @@ def test_models_lists_the_offline_bundles():
     result = run("models")
     assert result.returncode == 0
     assert result.stdout.startswith("whisper-base")
+
+
+@pytest.mark.parametrize(
+    ("backend", "model"), [("faster-whisper", "large-v3"), ("whisper-hf", "openai/whisper-large-v3")]
+)
+def test_unreachable_hub_model_is_one_line_naming_the_offline_default(tmp_path, backend, model):
+    clip = tmp_path / "a.wav"
+    clip.write_bytes(b"RIFF")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # never touch the network
+    result = subprocess.run(
+        [sys.executable, "-m", "assistant", "transcribe", str(clip), "--backend", backend, "--model", model],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"model-not-found: cannot fetch model '{model}'")
+    assert "--model whisper-base" in lines[0]
