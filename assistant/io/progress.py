@@ -31,7 +31,7 @@ class Progress:
             from tqdm import tqdm
 
             total = round(sum(self._durations.values()), 1)
-            self._overall = tqdm(total=total, unit="s", desc="all files", position=0, file=sys.stderr)
+            self._overall = tqdm(total=total, unit="s", desc="all files", position=0, file=sys.stderr, disable=False)
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
@@ -47,7 +47,9 @@ class Progress:
         if self._file is not None:
             self._file.close()
         total = round(self._durations.get(path, 0.0), 1)
-        self._file = tqdm(total=total, unit="s", desc=path.name[:30], position=1, leave=False, file=sys.stderr)
+        self._file = tqdm(
+            total=total, unit="s", desc=path.name[:30], position=1, leave=False, file=sys.stderr, disable=False
+        )
         start = self._done_before
 
         def update(seconds: float) -> None:
