@@ -13,6 +13,7 @@ from pathlib import Path
 
 from assistant.config import Config, load_config, to_dict
 from assistant.errors import AsrError, AssistantError, OutputError
+from assistant.pipeline import FileResult, TranscriptionPipeline
 
 MEDIA_SUFFIXES = frozenset(
     ".wav .mp3 .m4a .aac .flac .ogg .oga .opus .wma .webm .mp4 .m4v .mkv .mov .avi .amr .aiff .aif .3gp".split()
@@ -92,7 +93,6 @@ def _transcribe(args: argparse.Namespace) -> int:
         return EXIT_SOME_FAILED if missing else EXIT_USAGE
 
     from assistant.io.progress import Progress
-    from assistant.pipeline import TranscriptionPipeline
 
     pipeline = TranscriptionPipeline.from_config(config)
     failures = len(missing)
@@ -150,11 +150,9 @@ class OutputNamer:
         self._config = config
         self._taken: set[Path] = set()
 
-    def write(self, source: Path, result: object, model: str) -> list[Path]:
+    def write(self, source: Path, result: FileResult, model: str) -> list[Path]:
         from assistant.asr.writers import WRITERS
-        from assistant.pipeline import FileResult
 
-        assert isinstance(result, FileResult)
         directory = Path(self._config.transcribe.output_dir) if self._config.transcribe.output_dir else source.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -72,4 +72,3 @@ class Timings:
     vad_s: float = 0.0
     asr_s: float = 0.0
     total_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)

