@@ -66,8 +66,10 @@ def _speech_onset(samples: np.ndarray) -> float:
     return float(np.argmax(np.abs(samples) > 0.02)) / 16000
 
 
-def _pipeline(backend: str, **asr) -> TranscriptionPipeline:
-    return TranscriptionPipeline.from_config_parts(AsrConfig(backend=backend, **asr), VadConfig(), TranscribeConfig())
+def _pipeline(backend: str, vad: bool = True, **asr) -> TranscriptionPipeline:
+    return TranscriptionPipeline.from_config_parts(
+        AsrConfig(backend=backend, **asr), VadConfig(enabled=vad), TranscribeConfig()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,12 @@ def faster(whisper_base):
 @pytest.fixture(scope="module")
 def hf(whisper_base):
     return _pipeline("whisper-hf")
+
+
+@pytest.fixture(scope="module")
+def hf_long_form(whisper_base):
+    """No VAD: the whole recording goes to transformers' sequential long-form generate() in one call."""
+    return _pipeline("whisper-hf", vad=False)
 
 
 def test_same_clip_same_words_through_both_backends(whisper_base, clip, hf):
@@ -106,6 +114,18 @@ def test_long_recording_in_order_with_timestamps_within_a_second(request, backen
         first = next(s for s in segments if start - 1.0 <= s.start_s < end)
         assert abs(first.start_s - start) <= 1.0
     assert similarity(transcript.text, " ".join(SENTENCES)) >= 0.8, "no words dropped or repeated"
+
+
+def test_long_form_without_vad_keeps_every_sentence_in_order(long_recording, hf_long_form):
+    """Without VAD Whisper's segments swallow the silence before them (why the VAD is on by default), so here the
+    check is that each sentence is heard once, in order, inside a segment that spans its start."""
+    path, starts = long_recording
+    segments = hf_long_form.transcribe_file(path).transcript.segments
+    matched = [max(segments, key=lambda s, sentence=sentence: similarity(s.text, sentence)) for sentence in SENTENCES]
+    assert matched == sorted(matched, key=lambda s: s.start_s) and len(set(matched)) == len(SENTENCES)
+    for sentence, start, segment in zip(SENTENCES, starts, matched, strict=True):
+        assert similarity(segment.text, sentence) >= 0.7, (sentence, segment.text)
+        assert segment.start_s - 1.0 <= start <= segment.end_s, (start, segment)
 
 
 def test_noise_and_silence_give_an_empty_transcript(tmp_path, faster):
