@@ -25,24 +25,19 @@ def test_every_shipped_config_loads(path):
     load_config(path)
 
 
-def test_unknown_key_is_named_with_its_dotted_path(tmp_path):
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("asr:\n  modle: x\n", r"unknown key asr\.modle; valid keys in asr: backend, model"),
+        ("asrr: {}\n", "unknown key asrr"),
+        ("asr:\n  batch_size: many\n", r"asr\.batch_size: expected int, got str 'many'"),
+    ],
+    ids=["unknown-key-dotted-path", "unknown-section", "wrong-type"],
+)
+def test_bad_file_content_is_named(tmp_path, yaml_text, message):
     path = tmp_path / "c.yaml"
-    path.write_text("asr:\n  modle: x\n")
-    with pytest.raises(ConfigError, match=r"unknown key asr\.modle; valid keys in asr: backend, model"):
-        load_config(path)
-
-
-def test_unknown_section(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("asrr: {}\n")
-    with pytest.raises(ConfigError, match="unknown key asrr"):
-        load_config(path)
-
-
-def test_wrong_type_is_named(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("asr:\n  batch_size: many\n")
-    with pytest.raises(ConfigError, match=r"asr\.batch_size: expected int, got str 'many'"):
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
         load_config(path)
 
 

@@ -19,6 +19,7 @@ from assistant.messages import SAMPLE_RATE, Audio, Segment, Transcript
 from assistant.models import ModelLocation, cache_dir, hub_unreachable, resolve_model
 
 _WINDOW_FRAMES = 3000  # mel frames in Whisper's 30 s window
+_HOP_SAMPLES = 160  # audio samples per mel frame (10 ms at 16 kHz)
 # transformers measures compression on token bytes, openai/whisper on text; its docs pair 1.35 with openai's 2.4.
 _TOKEN_COMPRESSION_PER_TEXT_COMPRESSION = 1.35 / 2.4
 
@@ -89,7 +90,7 @@ class WhisperHFTranscriber:
     def _features(self, audios: Sequence[Audio]) -> dict[str, Any]:
         arrays = [audio.samples for audio in audios]
         longest = max(len(a) for a in arrays)
-        if longest > _WINDOW_FRAMES * 160:  # long-form: keep every frame, mask the padding
+        if longest > _WINDOW_FRAMES * _HOP_SAMPLES:  # long-form: keep every frame, mask the padding
             inputs = self._processor(
                 arrays, sampling_rate=SAMPLE_RATE, return_tensors="pt", truncation=False, padding="longest",
                 return_attention_mask=True,
