@@ -1,8 +1,9 @@
-"""Command line: ``assistant transcribe | models``. Thin: it builds config and pipeline, and reports."""
+"""Command line: ``assistant transcribe | chat | models``. Thin: it builds config and pipeline, and reports."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -51,6 +52,19 @@ def _parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--quiet", action="store_true", help="no progress bars")
     transcribe.set_defaults(handler=_transcribe)
 
+    chat = commands.add_parser("chat", help="chat with the language model in the console (streamed replies)")
+    chat.add_argument("--text", action="store_true", help="type instead of speaking (the only mode so far)")
+    _add_config_options(chat)
+    chat.add_argument("--model", help="offline bundle, GGUF file, transformers directory or hub id (llm.model)")
+    chat.add_argument("--backend", help="llama-cpp, hf or openai (llm.backend)")
+    chat.add_argument("--template", help="prompt format: auto, tokenizer or a built-in (llm.template)")
+    chat.add_argument("--system", help="system prompt (llm.system)")
+    chat.add_argument("--persona", help="YAML character file: name, greeting, system (llm.persona)")
+    chat.add_argument("--load", help="resume a saved conversation (chat.load)")
+    chat.add_argument("--save", help="save the conversation to this JSON file after every turn (chat.autosave)")
+    chat.add_argument("--verbose", action="store_true", help="time to first token and tokens/s after every reply")
+    chat.set_defaults(handler=_chat)
+
     models = commands.add_parser("models", help="list the offline model bundles and whether they are installed")
     models.add_argument("--verify", action="store_true", help="assemble and check each installed bundle's sha256")
     models.set_defaults(handler=_models)
@@ -79,6 +93,45 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     if args.no_vad:
         overrides.append("vad.enabled=false")
     return overrides + list(args.set)
+
+
+def _chat_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {
+        "llm.model": args.model,
+        "llm.backend": args.backend,
+        "llm.template": args.template,
+        "llm.persona": args.persona,
+        "chat.load": args.load,
+        "chat.autosave": args.save,
+    }
+    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    return overrides + list(args.set)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    config = load_config(args.config, _chat_overrides(args))
+    if args.system is not None:  # free text: kept out of the YAML-parsed overrides
+        config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, system=args.system or None))
+    if args.print_config:
+        print(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
+        return EXIT_OK
+    from assistant import registry
+    from assistant.chat import ChatSession
+    from assistant.conversation import Conversation
+    from assistant.io.console import ConsoleOptions, run_console
+
+    session = ChatSession.from_config(registry.create("llm", config.llm.backend, config.llm), config.llm)
+    if config.chat.load:
+        loaded = Conversation.load(config.chat.load, persona=session.conversation.persona)
+        loaded.system = loaded.system or session.conversation.system
+        session.conversation = loaded
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"{session.model.description}; /help lists the commands", file=sys.stderr)
+    options = ConsoleOptions(verbose=args.verbose, interactive=interactive, autosave=config.chat.autosave)
+    failures = run_console(session, options)
+    session.model.close()
+    return EXIT_SOME_FAILED if failures and not interactive else EXIT_OK
 
 
 def _transcribe(args: argparse.Namespace) -> int:

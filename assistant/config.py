@@ -19,6 +19,7 @@ import yaml
 
 from assistant import registry
 from assistant.errors import ConfigError
+from assistant.llm.templates import TEMPLATE_CHOICES
 
 Task = Literal["transcribe", "translate"]
 ZhScript = Literal["simplified", "traditional", "as-is"]
@@ -90,10 +91,97 @@ class TranscribeConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """How a reply is sampled. The same names as transformers' generate() and the OpenAI API use."""
+
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.8
+    top_k: int = 20  # 0 = off
+    repetition_penalty: float = 1.05  # 1 = off
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0  # end-of-sequence is suppressed until this many tokens (benchmarks fix lengths)
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
+    seed: int | None = None  # fixes the sampling for reproducible replies
+
+    def __post_init__(self) -> None:
+        _require(self.temperature >= 0, "llm.sampling.temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        _require(0 < self.top_p <= 1, "llm.sampling.top_p", self.top_p, "a number in (0, 1]")
+        _require(self.top_k >= 0, "llm.sampling.top_k", self.top_k, "an integer >= 0 (0 = off)")
+        _require(self.repetition_penalty > 0, "llm.sampling.repetition_penalty", self.repetition_penalty, "> 0")
+        _require(self.max_new_tokens >= 1, "llm.sampling.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _require(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            "llm.sampling.min_new_tokens",
+            self.min_new_tokens,
+            "an integer between 0 and max_new_tokens",
+        )
+        _require(all(self.stop), "llm.sampling.stop", self.stop, "non-empty strings")
+
+
+Quantize = Literal["none", "8bit", "4bit"]
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    backend: str = "llama-cpp"  # a name in registry.LLM_BACKENDS
+    model: str = "qwen2.5-0.5b"  # offline bundle, local path (GGUF file or transformers directory), or hub id
+    sha256: str | None = None  # checks a local GGUF file / model.safetensors when set
+    template: str = "auto"  # auto | tokenizer | a built-in name (assistant.llm.templates.BUILTIN_TEMPLATES)
+    system: str | None = "你是一个乐于助人的助手。"  # system prompt; a persona's replaces it
+    persona: str | None = None  # YAML character file: name, greeting, system
+    context_tokens: int = 4096  # prompt + reply must fit; older turns are dropped to make room
+    device: str = "auto"  # hf: auto | cpu | cuda | cuda:N (auto spreads over all GPUs)
+    dtype: str = "auto"  # hf: auto | float32 | float16 | bfloat16
+    quantize: Quantize = "none"  # hf: bitsandbytes 8bit | 4bit
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # hf 4bit
+    double_quant: bool = True  # hf 4bit: quantize the quantization constants too
+    compute_dtype: str = "auto"  # hf 4bit matmul dtype: auto | float32 | float16 | bfloat16
+    adapter: str | None = None  # hf: a LoRA adapter directory (peft); its tokenizer wins if it has one
+    attention: str = "auto"  # hf: auto | sdpa | flash_attention_2 | eager
+    threads: int = 0  # llama-cpp: CPU threads, 0 = all cores
+    gpu_layers: int = 0  # llama-cpp: layers offloaded to the GPU, -1 = all
+    batch_tokens: int = 512  # llama-cpp: prompt tokens evaluated per batch
+    base_url: str | None = None  # openai: e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp server, Ollama)
+    api_key: str | None = None  # openai: default is the OPENAI_API_KEY environment variable
+    timeout_s: float = 120.0  # openai: per request
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend not in registry.LLM_BACKENDS:
+            raise ConfigError(f"llm.backend: unknown backend {self.backend!r}; choose one of {registry.names('llm')}")
+        _require(self.template in TEMPLATE_CHOICES, "llm.template", self.template, f"one of {', '.join(TEMPLATE_CHOICES)}")
+        _require(self.context_tokens >= 64, "llm.context_tokens", self.context_tokens, "an integer >= 64")
+        _require(
+            self.sampling.max_new_tokens < self.context_tokens,
+            "llm.sampling.max_new_tokens",
+            self.sampling.max_new_tokens,
+            f"fewer than llm.context_tokens ({self.context_tokens}), leaving room for the prompt",
+        )
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "llm.device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+        )
+        _require(self.threads >= 0, "llm.threads", self.threads, "0 (all cores) or a positive integer")
+        _require(self.gpu_layers >= -1, "llm.gpu_layers", self.gpu_layers, "-1 (all), 0 or a positive integer")
+        _require(self.batch_tokens >= 1, "llm.batch_tokens", self.batch_tokens, "an integer >= 1")
+        _require(self.timeout_s > 0, "llm.timeout_s", self.timeout_s, "a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    autosave: str | None = None  # JSON file the conversation is written to after every turn
+    load: str | None = None  # JSON conversation to resume
+
+
+@dataclass(frozen=True)
 class Config:
     asr: AsrConfig = field(default_factory=AsrConfig)
     vad: VadConfig = field(default_factory=VadConfig)
     transcribe: TranscribeConfig = field(default_factory=TranscribeConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
 
 def _require(ok: bool, path: str, value: object, expected: str) -> None:

@@ -49,3 +49,29 @@ class VadError(AssistantError):
 
 class OutputError(AssistantError):
     code = "output"
+
+
+class LlmError(AssistantError):
+    """Generation failed (the backend raised, the server answered an error)."""
+
+    code = "llm-failed"
+
+
+class PromptTooLongError(AssistantError):
+    code = "prompt-too-long"
+
+
+class TemplateError(AssistantError):
+    code = "template"
+
+
+class ConversationError(AssistantError):
+    """A conversation file could not be read or written, or a command does not apply to the history now."""
+
+    code = "conversation"
+
+
+class CommandError(AssistantError):
+    """A console command that does not exist or is missing its argument."""
+
+    code = "command"

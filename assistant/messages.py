@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -72,3 +73,34 @@ class Timings:
     vad_s: float = 0.0
     asr_s: float = 0.0
     total_s: float = 0.0
+
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation. ``cut`` marks a reply that was stopped before the model finished it."""
+
+    role: Role
+    content: str
+    cut: bool = False
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    """How one reply was generated: prompt size, reply size, time to first token and decode speed."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused from the previous turn
+    completion_tokens: int = 0
+    first_token_s: float = 0.0  # from the request to the first generated token
+    total_s: float = 0.0
+    finish_reason: str = "stop"  # stop | length | cancelled
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Generated tokens per second after the first one (the prompt is excluded)."""
+        decode_s = self.total_s - self.first_token_s
+        return (self.completion_tokens - 1) / decode_s if self.completion_tokens > 1 and decode_s > 0 else 0.0

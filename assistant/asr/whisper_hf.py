@@ -14,6 +14,7 @@ from typing import Any
 
 from assistant.asr.base import language_error
 from assistant.config import AsrConfig, Task
+from assistant.devices import pick_attention, pick_device, pick_dtype
 from assistant.errors import AsrError, ConfigError, ModelLoadError
 from assistant.messages import SAMPLE_RATE, Audio, Segment, Transcript
 from assistant.models import ModelLocation, cache_dir, hub_unreachable, resolve_model
@@ -33,15 +34,15 @@ class WhisperHFTranscriber:
         transformers_logging.disable_progress_bar()  # our own progress bar reports; theirs would interleave
         transformers_logging.set_verbosity_error()  # generate() warns about options its own Whisper code passes
         self._config = config
-        self._device = _device(config.device, torch.cuda.is_available())
-        self._dtype = _dtype(config.dtype, self._device)
+        self._device = pick_device(config.device, "asr")
+        self._dtype = pick_dtype(config.dtype, self._device, "asr")
         if config.threads:
             torch.set_num_threads(config.threads)
         source = _model_source(resolve_model(config.model, sha256=config.sha256))
         try:
             self._processor = WhisperProcessor.from_pretrained(source)
             self._model = WhisperForConditionalGeneration.from_pretrained(
-                source, dtype=self._dtype, attn_implementation=_attention(config.attention, self._device)
+                source, dtype=self._dtype, attn_implementation=pick_attention(config.attention, self._device)
             ).to(self._device)
         except OSError as exc:
             if not Path(source).exists():
@@ -162,34 +163,3 @@ def _model_source(location: ModelLocation) -> str:
     if not is_converted(target):
         convert_ct2_whisper(location.path, target)
     return str(target)
-
-
-def _device(device: str, cuda_available: bool) -> str:
-    if device == "auto":
-        return "cuda" if cuda_available else "cpu"
-    if device.startswith("cuda") and not cuda_available:
-        raise ConfigError(f"asr.device {device!r}: CUDA is not available here; use 'auto' or 'cpu'")
-    return device
-
-
-def _dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in choices:
-        raise ConfigError(f"asr.dtype {dtype!r} is not available with whisper-hf; choose auto, {', '.join(choices)}")
-    return choices[dtype]
-
-
-def _attention(attention: str, device: str) -> str:
-    if attention != "auto":
-        return attention
-    if device.startswith("cuda"):
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            return "sdpa"
-        return "flash_attention_2"
-    return "sdpa"

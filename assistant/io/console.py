@@ -1,0 +1,166 @@
+"""The text console chat: streamed replies, slash commands, and a scriptable mode when stdin is not a terminal.
+
+Interactive: a ``>`` prompt, Ctrl-C during a reply cuts it (the partial reply stays in the history, marked cut), Ctrl-C
+or Ctrl-D at the prompt ends the session. Piped: every input line is one user turn (commands work too) and each reply
+is printed followed by a newline, so ``printf 'hi\\nwhat is 2+2\\n' | assistant chat --text`` is a script.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from assistant.chat import ChatSession
+from assistant.conversation import Conversation
+from assistant.errors import AssistantError, CommandError
+from assistant.llm.base import Reply
+
+HELP = """commands:
+  /reset              forget the conversation (the system prompt stays)
+  /undo               remove the last exchange
+  /regenerate         replace the last reply with a new one
+  /continue           extend the last reply where it stopped
+  /save [FILE]        save the conversation as JSON (default: the autosave file or conversation.json)
+  /load FILE          resume a saved conversation
+  /system [TEXT]      show the system prompt, or replace it
+  /help               this list
+  /quit               leave (Ctrl-D too)
+start a message with // to send a line that begins with /"""
+
+DEFAULT_SAVE = "conversation.json"
+
+
+@dataclass(frozen=True)
+class ConsoleOptions:
+    verbose: bool = False  # time to first token and tokens/s after every reply
+    interactive: bool = True  # prompt and notices; False when stdin is piped
+    autosave: str | None = None  # saved after every turn
+
+
+class ConsoleChat:
+    def __init__(self, session: ChatSession, options: ConsoleOptions, *, out: TextIO, err: TextIO) -> None:
+        self._session = session
+        self._options = options
+        self._out = out
+        self._err = err
+        self._commands: dict[str, Callable[[str], Reply | None]] = {
+            "/reset": self._reset,
+            "/undo": self._undo,
+            "/regenerate": lambda _: self._session.regenerate(),
+            "/continue": lambda _: self._session.continue_reply(),
+            "/save": self._save,
+            "/load": self._load,
+            "/system": self._system,
+            "/help": lambda _: self._notice(HELP),
+        }
+
+    def run(self, lines: TextIO) -> int:
+        """Read turns until end of input or /quit; returns the number of turns that failed."""
+        persona = self._session.conversation.persona
+        if persona and persona.greeting and self._options.interactive:
+            self._print(f"{persona.name}: {persona.greeting}\n")
+        failures = 0
+        while True:
+            line = self._read(lines)
+            if line is None or line.strip() in ("/quit", "/exit"):
+                return failures
+            if not line.strip():
+                continue
+            try:
+                reply = self._dispatch(line.strip())
+                if reply is not None:
+                    self._show(reply)
+                    self._autosave()
+            except AssistantError as exc:
+                failures += 1
+                print(exc, file=self._err, flush=True)
+
+    def _read(self, lines: TextIO) -> str | None:
+        if self._options.interactive:
+            self._print("> ")
+        try:
+            line = lines.readline()
+        except KeyboardInterrupt:
+            self._print("\n")
+            return None
+        return line.rstrip("\n") if line else None
+
+    def _dispatch(self, line: str) -> Reply | None:
+        if line.startswith("//"):
+            return self._session.send(line[1:])
+        if line.startswith("/"):
+            name, _, argument = line.partition(" ")
+            command = self._commands.get(name)
+            if command is None:
+                raise CommandError(f"unknown command {name}; /help lists the commands")
+            return command(argument.strip())
+        return self._session.send(line)
+
+    def _show(self, reply: Reply) -> None:
+        try:
+            for delta in reply:
+                self._print(delta)
+        except KeyboardInterrupt:
+            reply.close()
+            self._print(" [cut]")
+        self._print("\n")
+        if self._options.verbose:
+            stats = reply.stats
+            print(
+                f"[{stats.prompt_tokens} prompt tokens ({stats.cached_tokens} cached), "
+                f"first token {stats.first_token_s * 1000:.0f} ms, {stats.completion_tokens} tokens, "
+                f"{stats.decode_tokens_per_s:.1f} tok/s, {stats.finish_reason}]",
+                file=self._err,
+                flush=True,
+            )
+
+    def _print(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()
+
+    def _notice(self, text: str) -> None:
+        """Command feedback: on the terminal in interactive use, on stderr when scripted (stdout has only replies)."""
+        print(text, file=self._out if self._options.interactive else self._err, flush=True)
+
+    def _autosave(self) -> None:
+        if self._options.autosave:
+            self._session.conversation.save(self._options.autosave)
+
+    # --- commands ------------------------------------------------------------------------------------------------
+
+    def _reset(self, _: str) -> None:
+        self._session.conversation.reset()
+        self._notice("conversation cleared")
+
+    def _undo(self, _: str) -> None:
+        removed = self._session.conversation.undo()
+        self._notice(f"removed {len(removed)} message{'s' if len(removed) != 1 else ''}")
+        self._autosave()
+
+    def _save(self, argument: str) -> None:
+        target = self._session.conversation.save(argument or self._options.autosave or DEFAULT_SAVE)
+        self._notice(f"saved to {target}")
+
+    def _load(self, argument: str) -> None:
+        if not argument:
+            raise CommandError("/load needs a file: /load conversation.json")
+        current = self._session.conversation
+        loaded = Conversation.load(Path(argument), persona=current.persona)
+        if loaded.system is None:
+            loaded.system = current.system
+        self._session.conversation = loaded
+        self._notice(f"loaded {len(loaded.turns)} messages from {argument}")
+
+    def _system(self, argument: str) -> None:
+        if argument:
+            self._session.conversation.system = argument
+            self._notice("system prompt replaced")
+        else:
+            self._notice(self._session.conversation.system or "(no system prompt)")
+
+
+def run_console(session: ChatSession, options: ConsoleOptions) -> int:
+    return ConsoleChat(session, options, out=sys.stdout, err=sys.stderr).run(sys.stdin)

@@ -1,0 +1,251 @@
+"""The ChatModel contract, and the token-stream machinery the local backends (hf, llama-cpp) share.
+
+``ChatModel.stream(messages, params)`` returns a ``Reply``: an iterator of text deltas that are always whole
+characters (a CJK character whose UTF-8 bytes span several tokens is held back until it is complete), ending on
+end-of-sequence, a stop string, ``max_new_tokens`` or a cancel event. When it ends, ``reply.stats`` says how it went.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+from assistant.config import SamplingConfig
+from assistant.errors import PromptTooLongError
+from assistant.llm.templates import PromptFormat
+from assistant.messages import Message, ReplyStats
+
+REPLACEMENT = "\ufffd"  # what a decoder prints for bytes that are not (yet) a whole UTF-8 character
+
+
+class Reply:
+    """The text deltas of one reply as they are generated; ``text`` and ``stats`` are complete once it ends."""
+
+    def __init__(self, produce: Callable[[Reply], Iterator[str]]) -> None:
+        self.stats = ReplyStats(finish_reason="cancelled")
+        self._parts: list[str] = []
+        self._deltas = produce(self)
+
+    def __iter__(self) -> Reply:
+        return self
+
+    def __next__(self) -> str:
+        delta = next(self._deltas)
+        self._parts.append(delta)
+        return delta
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def close(self) -> None:
+        """Stop generating now (the generator's clean-up runs and ``stats`` is filled in)."""
+        self._deltas.close()
+
+
+class ChatModel(Protocol):
+    description: str
+    context_tokens: int
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """Tokens of the prompt these messages render to (a trailing assistant message is left open)."""
+        ...
+
+    def stream(
+        self,
+        messages: Sequence[Message],
+        params: SamplingConfig,
+        *,
+        continue_last: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> Reply: ...
+
+    def close(self) -> None:
+        """Free the model's memory (and connections)."""
+        ...
+
+
+class IncrementalDetokenizer:
+    """Turns token ids into text deltas without ever splitting a character.
+
+    Decoding a window of recent ids twice (without and with the new id) and emitting the difference works for
+    byte-level BPE and SentencePiece byte-fallback alike, including the leading-space rules of SentencePiece; a delta
+    that still ends in an incomplete UTF-8 sequence is held back until the next ids complete it.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the window decoded for context
+        self._read_offset = 0  # ids before this are already emitted
+
+    def push(self, token: int) -> str:
+        self._ids.append(token)
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return new_text[len(prefix_text) :].replace(REPLACEMENT, "")
+
+    def flush(self) -> str:
+        """What is left when generation ends; bytes that never became a character are dropped, not printed."""
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return new_text[len(prefix_text) :].replace(REPLACEMENT, "")
+
+
+class StopMatcher:
+    """Cuts the stream before the first stop string, holding back text that might be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(dict.fromkeys(s for s in stops if s))
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped or not self._stops:
+            return "" if self.stopped else text
+        self._held += text
+        hits = [position for stop in self._stops if (position := self._held.find(stop)) >= 0]
+        if hits:
+            self.stopped = True
+            emitted, self._held = self._held[: min(hits)], ""
+            return emitted
+        keep = self._partial_suffix_length()
+        emitted = self._held[: len(self._held) - keep]
+        self._held = self._held[len(self._held) - keep :]
+        return emitted
+
+    def flush(self) -> str:
+        emitted, self._held = ("" if self.stopped else self._held), ""
+        return emitted
+
+    def _partial_suffix_length(self) -> int:
+        longest = 0
+        for stop in self._stops:
+            for length in range(min(len(stop) - 1, len(self._held)), longest, -1):
+                if self._held.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
+
+
+class TokenChatModel(ABC):
+    """A chat model that runs in this process: render -> tokenize -> sample ids -> whole-character deltas."""
+
+    description: str
+    context_tokens: int
+    template: PromptFormat
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Ids of a rendered prompt (special-token text parsed, no extra BOS added)."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids, special tokens left out."""
+
+    @abstractmethod
+    def is_end(self, token: int) -> bool:
+        """Whether the token ends a turn (EOS / end-of-generation)."""
+
+    @abstractmethod
+    def sample(self, prompt_ids: list[int], params: SamplingConfig) -> Iterator[int]:
+        """New token ids, one at a time, for as long as they are consumed. Reuses cached prompt state if it can."""
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens of the current reply served from the previous turn's cache (set during ``sample``)."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - backends without resources need nothing
+        """Free the model."""
+
+    def render(self, messages: Sequence[Message], *, continue_last: bool = False) -> str:
+        return self.template.render(messages, continue_last=continue_last)
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        open_reply = bool(messages) and messages[-1].role == "assistant"
+        return len(self.tokenize(self.render(messages, continue_last=open_reply)))
+
+    def stream(
+        self,
+        messages: Sequence[Message],
+        params: SamplingConfig,
+        *,
+        continue_last: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> Reply:
+        prompt_ids = self.tokenize(self.render(messages, continue_last=continue_last))
+        room = self.context_tokens - len(prompt_ids)
+        if room < 1:
+            raise PromptTooLongError(
+                f"the prompt is {len(prompt_ids)} tokens but the context holds {self.context_tokens}; shorten the "
+                "conversation (/reset) or raise llm.context_tokens"
+            )
+        return Reply(lambda reply: self._deltas(reply, prompt_ids, params, min(room, params.max_new_tokens), cancel))
+
+    def complete(self, messages: Sequence[Message], params: SamplingConfig) -> tuple[str, ReplyStats]:
+        """The whole reply at once, decoded once at the end (no stop strings): the non-streaming peer of ``stream``."""
+        started = time.perf_counter()
+        prompt_ids = self.tokenize(self.render(messages))
+        limit = min(self.context_tokens - len(prompt_ids), params.max_new_tokens)
+        generated: list[int] = []
+        first_s, finish = 0.0, "length"
+        tokens = self.sample(prompt_ids, params)
+        try:
+            for token in tokens:
+                first_s = first_s or time.perf_counter() - started
+                if self.is_end(token):
+                    finish = "stop"
+                    break
+                generated.append(token)
+                if len(generated) >= limit:
+                    break
+        finally:
+            tokens.close()
+        text = self.decode(generated).replace(REPLACEMENT, "")
+        total_s = time.perf_counter() - started
+        return text, ReplyStats(len(prompt_ids), self.cached_tokens, len(generated), first_s, total_s, finish)
+
+    def _deltas(
+        self,
+        reply: Reply,
+        prompt_ids: list[int],
+        params: SamplingConfig,
+        limit: int,
+        cancel: threading.Event | None,
+    ) -> Iterator[str]:
+        started = time.perf_counter()
+        detokenizer = IncrementalDetokenizer(self.decode)
+        stops = StopMatcher((*params.stop, *self.template.stop_strings))
+        count, first_s, finish = 0, 0.0, "cancelled"
+        tokens = self.sample(prompt_ids, params)
+        try:
+            for token in tokens:
+                first_s = first_s or time.perf_counter() - started
+                if self.is_end(token):
+                    finish = "stop"
+                    break
+                count += 1
+                if text := stops.feed(detokenizer.push(token)):
+                    yield text
+                if stops.stopped:
+                    finish = "stop"
+                    break
+                if count >= limit:
+                    finish = "length"
+                    break
+                if cancel is not None and cancel.is_set():
+                    break
+            if tail := stops.feed(detokenizer.flush()) + stops.flush():
+                yield tail
+        finally:
+            tokens.close()
+            total_s = time.perf_counter() - started
+            reply.stats = ReplyStats(len(prompt_ids), self.cached_tokens, count, first_s, total_s, finish)

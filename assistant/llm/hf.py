@@ -1,0 +1,256 @@
+"""Chat backend on transformers: fp16/bf16 on GPUs (spread over all of them with ``device: auto``), float32 on CPU,
+bitsandbytes 8-bit / 4-bit (nf4, double quant), LoRA adapters through peft.
+
+The decode loop is our own rather than ``generate()``: it keeps the KV cache of the previous prompt and, on the next
+turn, feeds only the tokens after the longest common prefix (the history is not encoded again every turn); it stops
+within one token when the consumer stops reading; and it needs no thread and queue for streaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from assistant.config import LlmConfig, SamplingConfig
+from assistant.devices import pick_attention, pick_device, pick_dtype
+from assistant.errors import ConfigError, ModelLoadError
+from assistant.llm.base import TokenChatModel
+from assistant.llm.templates import JinjaTemplate, choose_template
+from assistant.models import ModelLocation, gguf_file, hub_unreachable, resolve_model
+
+
+class HFChatModel(TokenChatModel):
+    def __init__(self, config: LlmConfig) -> None:
+        import torch
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        self._config = config
+        self._torch = torch
+        self.context_tokens = config.context_tokens
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self._device = pick_device(config.device, "llm")
+        self._dtype = pick_dtype(config.dtype, self._device, "llm")
+        location = resolve_model(config.model, sha256=config.sha256)
+        self._tokenizer, self._model = self._load(location)
+        self._model.eval()
+        self._input_device = self._model.get_input_embeddings().weight.device
+        self._end_ids = _end_token_ids(self._tokenizer, self._model)
+        own = self._tokenizer.chat_template if isinstance(self._tokenizer.chat_template, str) else None
+        model_template = (
+            JinjaTemplate(own, bos_token=self._tokenizer.bos_token or "", eos_token=self._tokenizer.eos_token or "")
+            if own
+            else None
+        )
+        self.template = choose_template(config.template, model_ref=config.model, model_template=model_template)
+        self._cache: Any = None  # DynamicCache holding exactly the ids in self._cache_ids
+        self._cache_ids: list[int] = []
+        self._cached = 0
+
+    @property
+    def description(self) -> str:
+        quantized = f" {self._config.quantize}" if self._config.quantize != "none" else ""
+        dtype = str(self._dtype).removeprefix("torch.")
+        return f"hf {self._config.model}{quantized} {dtype} {self._device} template={self.template.name}"
+
+    # --- loading -------------------------------------------------------------------------------------------------
+
+    def _load(self, location: ModelLocation) -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source, extra = _source(location)
+        if location.format == "gguf" and self._config.quantize != "none":
+            raise ConfigError(
+                "llm.quantize: a GGUF file is already quantized and transformers dequantizes it; use "
+                "backend llama-cpp for GGUF files, or quantize: none"
+            )
+        options: dict[str, Any] = {"dtype": self._dtype, "attn_implementation": pick_attention(
+            self._config.attention, self._device)}
+        options |= self._placement()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            model = AutoModelForCausalLM.from_pretrained(source, **extra, **options)
+        except OSError as exc:
+            if location.format == "hub":
+                raise hub_unreachable(self._config.model, exc, offline="qwen2.5-0.5b") from None
+            raise ModelLoadError(f"cannot load '{self._config.model}' with transformers: {exc}") from None
+        if "device_map" not in options:
+            model = model.to(self._device)
+        if self._config.adapter:
+            tokenizer, model = _with_adapter(Path(self._config.adapter).expanduser(), tokenizer, model)
+        return tokenizer, model
+
+    def _placement(self) -> dict[str, Any]:
+        """Where the weights go: bitsandbytes quantization and multi-GPU spreading are both chosen here."""
+        options: dict[str, Any] = {}
+        if self._config.quantize != "none":
+            options["quantization_config"] = _bnb_config(self._config, self._device)
+        if self._device == "cuda":
+            options["device_map"] = "auto"  # spread over every visible GPU when one is not enough
+        elif self._config.quantize != "none":
+            options["device_map"] = self._device
+        return options
+
+    # --- the TokenChatModel hooks --------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
+
+    def is_end(self, token: int) -> bool:
+        return token in self._end_ids
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._cached
+
+    def sample(self, prompt_ids: list[int], params: SamplingConfig) -> Iterator[int]:
+        torch = self._torch
+        with torch.inference_mode():
+            new_ids = self._reuse_cache(prompt_ids)
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self._input_device).manual_seed(params.seed)
+            processors = _logits_processors(params)
+            seen = torch.tensor([prompt_ids], device=self._input_device)
+            suppressed = torch.tensor(sorted(self._end_ids), device=self._input_device)
+            for step in range(params.max_new_tokens + 1):
+                logits = self._forward(new_ids)
+                if step < params.min_new_tokens:
+                    logits[:, suppressed] = -float("inf")
+                logits = processors(seen, logits)
+                if params.temperature == 0:
+                    token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    probabilities = torch.softmax(logits, dim=-1)
+                    token = torch.multinomial(probabilities, num_samples=1, generator=generator)
+                yield int(token)
+                seen = torch.cat([seen, token], dim=-1)
+                new_ids = [int(token)]
+
+    def _reuse_cache(self, prompt_ids: list[int]) -> list[int]:
+        """Crop the cache to the prompt's longest common prefix with what it holds; return the ids still to feed."""
+        from transformers import DynamicCache
+
+        common = 0
+        limit = min(len(self._cache_ids), len(prompt_ids) - 1)  # at least one token must be fed for logits
+        while common < limit and self._cache_ids[common] == prompt_ids[common]:
+            common += 1
+        if self._cache is None or common == 0:
+            self._cache, self._cache_ids, common = DynamicCache(config=self._model.config), [], 0
+        else:
+            self._cache.crop(common)
+            self._cache_ids = self._cache_ids[:common]
+        self._cached = common
+        return prompt_ids[common:]
+
+    def _forward(self, ids: list[int]) -> Any:
+        """Logits of the last position after feeding ``ids``; the cache is dropped if the forward is interrupted."""
+        cache, self._cache = self._cache, None  # an exception or Ctrl-C mid-forward leaves a half-updated cache
+        inputs = self._torch.tensor([ids], device=self._input_device)
+        output = self._model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self._cache = output.past_key_values
+        self._cache_ids.extend(ids)
+        return output.logits[:, -1, :].float()
+
+    def close(self) -> None:
+        self._cache = None
+        del self._model
+        if self._torch.cuda.is_available():
+            self._torch.cuda.empty_cache()
+
+
+def _source(location: ModelLocation) -> tuple[str, dict[str, Any]]:
+    if location.format == "hub":
+        return location.ref, {}
+    assert location.path is not None
+    if location.format == "gguf":
+        file = gguf_file(location)
+        return str(file.parent), {"gguf_file": file.name}
+    if location.format != "hf":
+        raise ConfigError(f"llm.model '{location.ref}' is a {location.format} model, not a chat model")
+    return str(location.path), {}
+
+
+def _bnb_config(config: LlmConfig, device: str) -> Any:
+    """bitsandbytes settings; refuses clearly where bitsandbytes is missing or cannot run."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"llm.quantize {config.quantize} needs bitsandbytes, which cannot be imported here ({exc}); install it "
+            "with 'pip install bitsandbytes', or set llm.quantize: none, or use a GGUF file with backend llama-cpp"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if config.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = pick_dtype(config.compute_dtype, device, "llm.compute")
+    if not device.startswith("cuda") and str(compute) != "torch.float32":
+        raise ConfigError(
+            f"llm.compute_dtype {config.compute_dtype}: bitsandbytes 4-bit on CPU computes in float32 only; "
+            "set llm.compute_dtype: auto"
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quant_type,
+        bnb_4bit_use_double_quant=config.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def _with_adapter(adapter: Path, tokenizer: Any, model: Any) -> tuple[Any, Any]:
+    """Load a LoRA adapter; when it ships a larger (e.g. Chinese-extended) tokenizer, resize the embeddings first."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelLoadError("llm.adapter needs peft; install it with 'pip install peft'") from None
+    from transformers import AutoTokenizer
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"llm.adapter '{adapter}' is not a LoRA adapter directory (no adapter_config.json)")
+    if any((adapter / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != rows:
+        model.resize_token_embeddings(len(tokenizer))
+    try:
+        return tokenizer, PeftModel.from_pretrained(model, str(adapter)).eval()
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"cannot load adapter '{adapter}' onto the model: {str(exc).splitlines()[0]}") from None
+
+
+def _end_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _logits_processors(params: SamplingConfig) -> Any:
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.temperature > 0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k > 0:
+            processors.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+    return processors

@@ -1,0 +1,151 @@
+"""Chat backend for any OpenAI-compatible server: vLLM, llama.cpp server, Ollama, another ``assistant serve``.
+
+This is how a deployment grows past one machine: the server does the generation, we keep the conversation. The
+server renders the prompt with the model's own template. ``top_k`` and ``repetition_penalty`` go in the request body
+the way vLLM and llama.cpp server read them; servers that do not know them ignore them. Continuing a reply uses
+vLLM's ``continue_final_message``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from assistant.config import LlmConfig, SamplingConfig
+from assistant.errors import ConfigError, LlmError, ModelLoadError
+from assistant.llm.base import Reply
+from assistant.messages import Message, ReplyStats
+
+_CHARS_PER_TOKEN = 4  # rough size of a token of non-CJK text, for the context estimate (the API has no tokenizer)
+_TOKENS_PER_MESSAGE = 4  # role markers and separators around each message
+
+
+class OpenAIChatModel:
+    def __init__(self, config: LlmConfig) -> None:
+        try:
+            import openai
+        except ImportError:
+            raise ModelLoadError("backend openai needs the openai package; install it with 'pip install openai'") from None
+        base_url = config.base_url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise ConfigError(
+                "llm.base_url: backend openai needs the server's address, e.g. http://127.0.0.1:8000/v1 "
+                "(nothing is sent to a cloud service unless you name it)"
+            )
+        self._openai = openai
+        self._config = config
+        self._base_url = base_url
+        self.context_tokens = config.context_tokens
+        self._client = openai.OpenAI(
+            base_url=base_url,
+            api_key=config.api_key or os.environ.get("OPENAI_API_KEY") or "not-needed",
+            timeout=config.timeout_s,
+            max_retries=0,
+        )
+
+    @property
+    def description(self) -> str:
+        return f"openai {self._config.model} at {self._base_url}"
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """An estimate: CJK characters count one token each, other text one per four characters."""
+        total = 0
+        for message in messages:
+            cjk = sum(1 for char in message.content if _is_wide(char))
+            total += cjk + (len(message.content) - cjk) // _CHARS_PER_TOKEN + _TOKENS_PER_MESSAGE
+        return total
+
+    def stream(
+        self,
+        messages: Sequence[Message],
+        params: SamplingConfig,
+        *,
+        continue_last: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> Reply:
+        return Reply(lambda reply: self._deltas(reply, list(messages), params, continue_last, cancel))
+
+    def _request(self, messages: list[Message], params: SamplingConfig, continue_last: bool) -> dict[str, Any]:
+        extra: dict[str, Any] = {"top_k": params.top_k, "repetition_penalty": params.repetition_penalty}
+        if params.min_new_tokens:
+            extra["min_tokens"] = params.min_new_tokens
+        if continue_last:
+            extra |= {"continue_final_message": True, "add_generation_prompt": False}
+        request: dict[str, Any] = {
+            "model": self._config.model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_new_tokens,
+            "extra_body": extra,
+        }
+        if params.stop:
+            request["stop"] = list(params.stop)
+        if params.seed is not None:
+            request["seed"] = params.seed
+        return request
+
+    def _deltas(
+        self,
+        reply: Reply,
+        messages: list[Message],
+        params: SamplingConfig,
+        continue_last: bool,
+        cancel: threading.Event | None,
+    ) -> Iterator[str]:
+        started = time.perf_counter()
+        first_s, chunks, finish, usage = 0.0, 0, "cancelled", None
+        response = None
+        try:
+            response = self._client.chat.completions.create(**self._request(messages, params, continue_last))
+            for chunk in response:
+                usage = chunk.usage or usage
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                if text := choice.delta.content:
+                    first_s = first_s or time.perf_counter() - started
+                    chunks += 1
+                    yield text
+                if choice.finish_reason:
+                    finish = "length" if choice.finish_reason == "length" else "stop"
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+        except self._openai.APIConnectionError as exc:
+            raise LlmError(f"cannot reach the server at {self._base_url} ({exc}); is it running?") from None
+        except self._openai.APIStatusError as exc:
+            raise LlmError(f"the server at {self._base_url} answered {exc.status_code}: {_server_message(exc)}") from None
+        finally:
+            if response is not None:
+                response.close()
+            reply.stats = ReplyStats(
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else chunks,
+                first_token_s=first_s,
+                total_s=time.perf_counter() - started,
+                finish_reason=finish,
+            )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _server_message(exc: Any) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return str(exc.message)
+
+
+def _is_wide(char: str) -> bool:
+    return "\u2e80" <= char <= "\u9fff" or "\uac00" <= char <= "\ud7af" or "\uf900" <= char <= "\ufaff"
