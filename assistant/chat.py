@@ -44,8 +44,11 @@ class ChatSession:
         """Replace the last reply with a new one."""
         previous = self.conversation.drop_last_reply()
         try:
-            return self._reply(continue_last=False, cancel=cancel, undo=lambda: self.conversation.add_reply(
-                previous.content, cut=previous.cut))
+            return self._reply(
+                continue_last=False,
+                cancel=cancel,
+                undo=lambda: self.conversation.add_reply(previous.content, cut=previous.cut),
+            )
         except BaseException:
             self.conversation.add_reply(previous.content, cut=previous.cut)
             raise

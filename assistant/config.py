@@ -149,7 +149,9 @@ class LlmConfig:
     def __post_init__(self) -> None:
         if self.backend not in registry.LLM_BACKENDS:
             raise ConfigError(f"llm.backend: unknown backend {self.backend!r}; choose one of {registry.names('llm')}")
-        _require(self.template in TEMPLATE_CHOICES, "llm.template", self.template, f"one of {', '.join(TEMPLATE_CHOICES)}")
+        _require(
+            self.template in TEMPLATE_CHOICES, "llm.template", self.template, f"one of {', '.join(TEMPLATE_CHOICES)}"
+        )
         _require(self.context_tokens >= 64, "llm.context_tokens", self.context_tokens, "an integer >= 64")
         _require(
             self.sampling.max_new_tokens < self.context_tokens,

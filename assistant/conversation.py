@@ -52,7 +52,9 @@ def load_persona(path: str | Path) -> Persona:
         )
     unknown = sorted(set(data) - {"name", "system", "greeting"})
     if unknown:
-        raise ConversationError(f"persona file '{where}': unknown key {unknown[0]!r}; valid keys: name, system, greeting")
+        raise ConversationError(
+            f"persona file '{where}': unknown key {unknown[0]!r}; valid keys: name, system, greeting"
+        )
     greeting = data.get("greeting")
     return Persona(name=str(data.get("name") or where.stem), system=data["system"], greeting=greeting and str(greeting))
 

@@ -67,8 +67,10 @@ class HFChatModel(TokenChatModel):
                 "llm.quantize: a GGUF file is already quantized and transformers dequantizes it; use "
                 "backend llama-cpp for GGUF files, or quantize: none"
             )
-        options: dict[str, Any] = {"dtype": self._dtype, "attn_implementation": pick_attention(
-            self._config.attention, self._device)}
+        options: dict[str, Any] = {
+            "dtype": self._dtype,
+            "attn_implementation": pick_attention(self._config.attention, self._device),
+        }
         options |= self._placement()
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **extra)

@@ -28,7 +28,9 @@ class OpenAIChatModel:
         try:
             import openai
         except ImportError:
-            raise ModelLoadError("backend openai needs the openai package; install it with 'pip install openai'") from None
+            raise ModelLoadError(
+                "backend openai needs the openai package; install it with 'pip install openai'"
+            ) from None
         base_url = config.base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
             raise ConfigError(
@@ -120,7 +122,9 @@ class OpenAIChatModel:
         except self._openai.APIConnectionError as exc:
             raise LlmError(f"cannot reach the server at {self._base_url} ({exc}); is it running?") from None
         except self._openai.APIStatusError as exc:
-            raise LlmError(f"the server at {self._base_url} answered {exc.status_code}: {_server_message(exc)}") from None
+            raise LlmError(
+                f"the server at {self._base_url} answered {exc.status_code}: {_server_message(exc)}"
+            ) from None
         finally:
             if response is not None:
                 response.close()

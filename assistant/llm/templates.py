@@ -213,7 +213,9 @@ class JinjaTemplate:
         try:
             self._template = environment.from_string(source)
         except TemplateSyntaxError as exc:
-            raise TemplateError(f"the model's chat template does not parse ({exc}); set llm.template to a built-in") from None
+            raise TemplateError(
+                f"the model's chat template does not parse ({exc}); set llm.template to a built-in"
+            ) from None
         self._special = {"bos_token": bos_token, "eos_token": eos_token}
         self.stop_strings: tuple[str, ...] = (eos_token,) if eos_token else ()
 
