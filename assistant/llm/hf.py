@@ -145,8 +145,8 @@ class HFChatModel(TokenChatModel):
             common += 1
         if self._cache is None or common == 0:
             self._cache, self._cache_ids, common = DynamicCache(config=self._model.config), [], 0
-        else:
-            self._cache.crop(common)
+        elif common < len(self._cache_ids):
+            self._cache.crop(common - len(self._cache_ids))  # transformers 5: a negative count drops that many
             self._cache_ids = self._cache_ids[:common]
         self._cached = common
         return prompt_ids[common:]
