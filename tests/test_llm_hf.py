@@ -14,7 +14,7 @@ from assistant.llm.base import REPLACEMENT
 from assistant.messages import Message
 
 pytest.importorskip("transformers")
-from assistant.llm.hf import HFChatModel  # noqa: E402
+from assistant.llm.hf import HFChatModel
 
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=24, min_new_tokens=24, repetition_penalty=1.0)
 CONVERSATION = [Message("system", "你是助手。"), Message("user", "你好，世界")]
