@@ -96,3 +96,30 @@ def test_config_is_frozen():
     config = load_config()
     with pytest.raises(AttributeError):
         config.asr.model = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("llm.backend=vllm", r"llm\.backend: unknown backend 'vllm'; choose one of hf, llama-cpp, openai"),
+        (
+            "llm.template=vicuna",
+            r"llm\.template: 'vicuna' is not valid; expected one of auto, tokenizer, llama2-chinese",
+        ),
+        ("llm.quantize=3bit", r"llm\.quantize: '3bit' is not one of none, 8bit, 4bit"),
+        ("llm.sampling.temperature=-1", r"llm\.sampling\.temperature"),
+        ("llm.sampling.top_p=0", r"llm\.sampling\.top_p"),
+        ("llm.sampling.max_new_tokens=9000", r"fewer than llm\.context_tokens \(4096\)"),
+        ("llm.sampling.stop=['']", r"llm\.sampling\.stop"),
+        ("llm.device=tpu", r"llm\.device"),
+    ],
+)
+def test_bad_llm_options_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_llm_sampling_overrides():
+    config = load_config(overrides=["llm.sampling.stop=['Human:', '###']", "llm.sampling.seed=3", "llm.quantize=4bit"])
+    assert config.llm.sampling.stop == ("Human:", "###") and config.llm.sampling.seed == 3
+    assert config.llm.quantize == "4bit"
