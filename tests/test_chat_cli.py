@@ -48,12 +48,12 @@ def test_piped_lines_are_turns_and_the_conversation_is_saved(tmp_path: Path) -> 
 
 def test_load_resumes_and_commands_edit_the_history(tmp_path: Path) -> None:
     saved = tmp_path / "chat.json"
-    saved.write_text(json.dumps({"messages": [{"role": "user", "content": "My name is Ada."},
-                                              {"role": "assistant", "content": "Nice to meet you, Ada!"}]}))  # fmt: skip
+    history = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hi, Ada!"}]
+    saved.write_text(json.dumps({"messages": history}))
     result = chat("--load", str(saved), "--save", str(saved), stdin="/undo\n/system Be terse.\nHello\n/regenerate\n")
     assert result.returncode == 0, result.stderr
     data = json.loads(saved.read_text(encoding="utf-8"))
-    assert [m["content"] for m in data["messages"]][0] == "Hello" and len(data["messages"]) == 2
+    assert data["messages"][0]["content"] == "Hello" and len(data["messages"]) == 2
     assert data["system"] == "Be terse." and "removed 2 messages" in result.stderr
 
 
