@@ -79,6 +79,14 @@ class HFChatModel(TokenChatModel):
             if location.format == "hub":
                 raise hub_unreachable(self._config.model, exc, offline="qwen2.5-0.5b") from None
             raise ModelLoadError(f"cannot load '{self._config.model}' with transformers: {exc}") from None
+        except (RuntimeError, ValueError, ImportError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if self._config.quantize != "none":  # bitsandbytes present but without a backend for this device
+                raise ModelLoadError(
+                    f"llm.quantize {self._config.quantize} cannot run here ({reason}); set llm.quantize: none, or use "
+                    "a GGUF file with backend llama-cpp"
+                ) from None
+            raise ModelLoadError(f"cannot load '{self._config.model}' with transformers: {reason}") from None
         if "device_map" not in options:
             model = model.to(self._device)
         if self._config.adapter:
