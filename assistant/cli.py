@@ -80,6 +80,11 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="print tracebacks of unexpected errors")
 
 
+def _flag_overrides(flags: dict[str, str | None], args: argparse.Namespace) -> list[str]:
+    """Command-line flags as ``key=value`` overrides, followed by the explicit ``--set`` ones (which win)."""
+    return [f"{key}={value}" for key, value in flags.items() if value is not None] + list(args.set)
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     flags = {
         "asr.model": args.model,
@@ -88,11 +93,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "asr.task": args.task,
         "transcribe.formats": args.format,
         "transcribe.output_dir": args.output_dir,
+        "vad.enabled": "false" if args.no_vad else None,
     }
-    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    if args.no_vad:
-        overrides.append("vad.enabled=false")
-    return overrides + list(args.set)
+    return _flag_overrides(flags, args)
 
 
 def _chat_overrides(args: argparse.Namespace) -> list[str]:
@@ -104,8 +107,7 @@ def _chat_overrides(args: argparse.Namespace) -> list[str]:
         "chat.load": args.load,
         "chat.autosave": args.save,
     }
-    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return overrides + list(args.set)
+    return _flag_overrides(flags, args)
 
 
 def _chat(args: argparse.Namespace) -> int:

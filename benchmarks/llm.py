@@ -192,7 +192,7 @@ def print_table(results: dict[str, dict[str, Any]], turns: int, tokens: int) -> 
     for system, result in results.items():
         first, last = result["first_token_s"][0], result["first_token_s"][-1]
         decode_ratio = f"{result['decode_tok_s'] / baseline['decode_tok_s']:.2f}x" if baseline else "-"
-        ttft_ratio = f"{baseline['first_token_s'][-1] / last:.1f}x faster" if baseline else "-"
+        ttft_ratio = f"{baseline['first_token_s'][-1] / last:.1f}x faster" if baseline and system != "baseline" else "-"
         overhead = "-" if result["stream_overhead"] is None else f"{result['stream_overhead'] * 100:+.1f}%"
         print(
             f"| {system} | {result['load_s']:.1f} | {result['prompt_tokens'][0]} / {result['prompt_tokens'][-1]} | "

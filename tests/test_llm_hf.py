@@ -148,3 +148,19 @@ def test_adapter_directory_without_adapter_config(tiny_chat_model: Path, tmp_pat
     pytest.importorskip("peft")
     with pytest.raises(ModelLoadError, match="not a LoRA adapter directory"):
         load(tiny_chat_model, adapter=str(tmp_path))
+
+
+def test_4bit_where_bitsandbytes_has_no_backend(tiny_chat_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def no_backend(*args: object, **kwargs: object) -> object:
+        if "quantization_config" in kwargs:
+            raise RuntimeError("bitsandbytes: no kernel for device type 'mps'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_backend)
+    with pytest.raises(ModelLoadError, match=r"llm.quantize 4bit cannot run here \(bitsandbytes: no kernel"):
+        load(tiny_chat_model, quantize="4bit")
