@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,8 @@ STREAM_REPEATS = 3
 def run_system(system: str, turns: int, tokens: int) -> dict[str, Any]:
     """Load, hold the conversation, measure streaming overhead; runs in a child process."""
     started = time.perf_counter()
-    if system == "baseline":
-        result = _baseline(turns, tokens, started)
-    else:
-        result = _ours(system, turns, tokens, started)
+    measure = _baseline if system == "baseline" else partial(_ours, system)
+    result = measure(turns, tokens, started)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
