@@ -73,10 +73,16 @@ def test_local_paths(tmp_path):
     with pytest.raises(ChecksumError, match="does not match its sha256"):
         resolve_model(str(ct2), sha256="1" * 64)
     assert resolve_model(str(ct2), sha256=hashlib.sha256(b"x").hexdigest()).path == ct2
-    with pytest.raises(ModelNotFoundError, match="neither a CTranslate2 model"):
+    with pytest.raises(ModelNotFoundError, match="holds no model: neither CTranslate2"):
         resolve_model(str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model(str(tmp_path / "missing"))
+    gguf = tmp_path / "weights.bin"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert resolve_model(str(gguf)).format == "gguf"  # recognised by its magic bytes, whatever its name
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelNotFoundError, match="is a file but not GGUF"):
+        resolve_model(str(tmp_path / "notes.txt"))
 
 
 def test_hub_ids_pass_through():
