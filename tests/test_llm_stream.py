@@ -191,3 +191,26 @@ def test_reply_object_collects_text() -> None:
 
     reply = Reply(produce)
     assert list(reply) == ["a", "b"] and reply.text == "ab"
+
+
+def test_console_ctrl_c_cuts_the_reply_and_the_session_goes_on() -> None:
+    import io
+
+    from assistant.io.console import ConsoleChat, ConsoleOptions
+
+    model = ScriptedModel("abcdef")
+
+    def interrupt_once(index: int) -> None:
+        if index == 3:
+            model.on_token = lambda index: None
+            raise KeyboardInterrupt
+
+    model.on_token = interrupt_once
+    chat = session(model)
+    out, err = io.StringIO(), io.StringIO()
+    lines = iter(["go", "/continue", "/nonsense", None])
+    failures = ConsoleChat(chat, ConsoleOptions(verbose=True), out=out, err=err).run(lambda: next(lines))
+    assert out.getvalue().splitlines()[:2] == ["abc [cut]", "abcdef"]
+    assert chat.conversation.turns[-1] == Message("assistant", "abcabcdef")
+    assert failures == 1 and "command: unknown command /nonsense" in err.getvalue()
+    assert err.getvalue().count("tok/s") == 2

@@ -57,14 +57,14 @@ class ConsoleChat:
             "/help": lambda _: self._notice(HELP),
         }
 
-    def run(self, lines: TextIO) -> int:
-        """Read turns until end of input or /quit; returns the number of turns that failed."""
+    def run(self, read_line: Callable[[], str | None]) -> int:
+        """Read turns until end of input (None) or /quit; returns the number of turns that failed."""
         persona = self._session.conversation.persona
         if persona and persona.greeting and self._options.interactive:
             self._print(f"{persona.name}: {persona.greeting}\n")
         failures = 0
         while True:
-            line = self._read(lines)
+            line = read_line()
             if line is None or line.strip() in ("/quit", "/exit"):
                 return failures
             if not line.strip():
@@ -77,16 +77,6 @@ class ConsoleChat:
             except AssistantError as exc:
                 failures += 1
                 print(exc, file=self._err, flush=True)
-
-    def _read(self, lines: TextIO) -> str | None:
-        if self._options.interactive:
-            self._print("> ")
-        try:
-            line = lines.readline()
-        except KeyboardInterrupt:
-            self._print("\n")
-            return None
-        return line.rstrip("\n") if line else None
 
     def _dispatch(self, line: str) -> Reply | None:
         if line.startswith("//"):
@@ -163,4 +153,21 @@ class ConsoleChat:
 
 
 def run_console(session: ChatSession, options: ConsoleOptions) -> int:
-    return ConsoleChat(session, options, out=sys.stdout, err=sys.stderr).run(sys.stdin)
+    read_line = _terminal_line if options.interactive else _piped_line
+    return ConsoleChat(session, options, out=sys.stdout, err=sys.stderr).run(read_line)
+
+
+def _terminal_line() -> str | None:
+    """A line typed at the ``>`` prompt, with line editing and history; None on Ctrl-D or Ctrl-C."""
+    import readline  # noqa: F401 - importing it gives input() editing and history
+
+    try:
+        return input("> ")
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+
+
+def _piped_line() -> str | None:
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
