@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,15 +39,19 @@ def llama(model: str, **changes: object) -> LlamaCppChatModel:
 
 
 @pytest.fixture(scope="module")
-def smol() -> LlamaCppChatModel:
+def smol() -> Iterator[LlamaCppChatModel]:
     bundle("smollm2-135m")
-    return llama("smollm2-135m")
+    model = llama("smollm2-135m")
+    yield model
+    model.close()
 
 
 @pytest.fixture(scope="module")
-def qwen() -> LlamaCppChatModel:
+def qwen() -> Iterator[LlamaCppChatModel]:
     bundle("qwen2.5-0.5b")
-    return llama("qwen2.5-0.5b")
+    model = llama("qwen2.5-0.5b")
+    yield model
+    model.close()
 
 
 def test_smollm_answers_and_reuses_the_history_cache(smol: LlamaCppChatModel) -> None:
