@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from assistant.config import Config, load_config, to_dict
-from assistant.errors import AsrError, AssistantError, OutputError
+from assistant.errors import AsrError, AssistantError, ConfigError, OutputError
 from assistant.pipeline import FileResult, TranscriptionPipeline
 
 MEDIA_SUFFIXES = frozenset(
@@ -53,7 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     transcribe.set_defaults(handler=_transcribe)
 
     chat = commands.add_parser("chat", help="chat with the language model in the console (streamed replies)")
-    chat.add_argument("--text", action="store_true", help="type instead of speaking (the only mode so far)")
+    chat.add_argument("--text", action="store_true", help="type instead of speaking (input.source=text)")
+    chat.add_argument(
+        "--audio", nargs="+", metavar="FILE", help="play audio files in as spoken turns (input.source=file)"
+    )
+    chat.add_argument("--push-to-talk", action="store_true", help="Enter starts and ends a turn (input.mode)")
+    chat.add_argument("--device", help="microphone: a sounddevice name or index (input.device)")
+    chat.add_argument("--log", help="also write every turn with its metrics to this JSONL file (output.log)")
     _add_config_options(chat)
     chat.add_argument("--model", help="offline bundle, GGUF file, transformers directory or hub id (llm.model)")
     chat.add_argument("--backend", help="llama-cpp, hf or openai (llm.backend)")
@@ -106,6 +112,11 @@ def _chat_overrides(args: argparse.Namespace) -> list[str]:
         "llm.persona": args.persona,
         "chat.load": args.load,
         "chat.autosave": args.save,
+        "input.source": "text" if args.text else "file" if args.audio else None,
+        "input.mode": "push-to-talk" if args.push_to_talk else None,
+        "input.device": args.device,
+        "output.log": args.log,
+        "output.sinks": "[console, jsonl]" if args.log else None,
     }
     return _flag_overrides(flags, args)
 
@@ -128,12 +139,39 @@ def _chat(args: argparse.Namespace) -> int:
         loaded.system = loaded.system or session.conversation.system
         session.conversation = loaded
     interactive = sys.stdin.isatty()
+    failures = 0
+    if _input_source(config, args.audio, interactive) != "text":
+        from assistant.voice_cli import run_voice
+
+        failures, fall_back = run_voice(config, session, args.audio or [], verbose=args.verbose)
+        if not fall_back:
+            session.model.close()
+            return EXIT_SOME_FAILED if failures else EXIT_OK
     if interactive:
         print(f"{session.model.description}; /help lists the commands", file=sys.stderr)
     options = ConsoleOptions(verbose=args.verbose, interactive=interactive, autosave=config.chat.autosave)
-    failures = run_console(session, options)
+    failures += run_console(session, options)
     session.model.close()
     return EXIT_SOME_FAILED if failures and not interactive else EXIT_OK
+
+
+def _input_source(config: Config, audio: Sequence[str] | None, interactive: bool) -> str:
+    """text | file | microphone: ``auto`` is the microphone when there is one and someone is at the terminal."""
+    source = config.input.source
+    if source == "file" and not audio:
+        raise ConfigError("input.source file needs the files: assistant chat --audio FILE...")
+    if source != "auto":
+        return source
+    if not interactive:
+        return "text"
+    from assistant.io.microphone import find_microphone
+
+    try:
+        find_microphone(config.input.device)
+    except AssistantError as exc:
+        print(f"{exc}; typing instead", file=sys.stderr)
+        return "text"
+    return "microphone"
 
 
 def _transcribe(args: argparse.Namespace) -> int:

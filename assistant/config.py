@@ -178,12 +178,43 @@ class ChatConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    """Where spoken turns come from (``assistant chat``)."""
+
+    source: str = "auto"  # auto (microphone if there is one, else text) | microphone | file | text
+    device: str | None = None  # microphone: a sounddevice name or index; None = the system default
+    mode: Literal["vad", "push-to-talk"] = "vad"  # vad: turns end after vad.min_silence_ms; push-to-talk: Enter
+    max_utterance_s: float = 30.0  # a turn longer than this is cut and answered
+    barge_in: bool = True  # speaking while a reply streams cancels it (live sources only)
+    realtime: bool = False  # file source: play files at speaking pace (barge-in and latency as with a microphone)
+
+    def __post_init__(self) -> None:
+        choices = ("auto", "text", *registry.SOURCES)
+        _require(self.source in choices, "input.source", self.source, f"one of {', '.join(choices)}")
+        _require(0 < self.max_utterance_s <= 30, "input.max_utterance_s", self.max_utterance_s, "a number in (0, 30]")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where replies go."""
+
+    sinks: tuple[str, ...] = ("console",)  # names in registry.SINKS
+    log: str = "turns.jsonl"  # jsonl sink: one JSON line per turn (transcript, reply, metrics)
+
+    def __post_init__(self) -> None:
+        for sink in self.sinks:
+            _require(sink in registry.SINKS, "output.sinks", sink, f"one of {registry.names('sink')}")
+
+
+@dataclass(frozen=True)
 class Config:
     asr: AsrConfig = field(default_factory=AsrConfig)
     vad: VadConfig = field(default_factory=VadConfig)
     transcribe: TranscribeConfig = field(default_factory=TranscribeConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
 
 def _require(ok: bool, path: str, value: object, expected: str) -> None:

@@ -75,3 +75,9 @@ class CommandError(AssistantError):
     """A console command that does not exist or is missing its argument."""
 
     code = "command"
+
+
+class AudioSourceError(AssistantError):
+    """No microphone, or the capture device failed or vanished."""
+
+    code = "audio-source"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -104,3 +105,63 @@ class ReplyStats:
         """Generated tokens per second after the first one (the prompt is excluded)."""
         decode_s = self.total_s - self.first_token_s
         return (self.completion_tokens - 1) / decode_s if self.completion_tokens > 1 and decode_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """The endpointer heard speech begin (long enough not to be a click): the moment to barge in."""
+
+    at_s: float  # seconds into the source
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One spoken turn, cut by the endpointer (or push-to-talk)."""
+
+    audio: Audio
+    speech_end_clock: float  # time.monotonic() when the last speech sample was captured
+
+
+@dataclass(frozen=True)
+class TurnMetrics:
+    """Latency of one voice turn, in milliseconds from the end of speech (the VAD's silence window included)."""
+
+    audio_s: float
+    speech_end_to_transcript_ms: float
+    transcript_to_first_char_ms: float
+    speech_end_to_first_char_ms: float
+    tokens_per_s: float
+    cut: bool = False
+
+
+@dataclass(frozen=True)
+class EndOfRecording:
+    """A source's marker between recordings (files): an utterance in progress ends here."""
+
+    name: str
+
+
+class AudioSource(Protocol):
+    """Spoken input as 16 kHz float32 mono pieces. ``live``: captured as it happens (barge-in applies)."""
+
+    live: bool
+
+    def chunks(self) -> Iterator[np.ndarray | EndOfRecording | Exception]:
+        """Pieces of audio in order; an Exception item is a per-recording failure (the source goes on)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ReplySink(Protocol):
+    """Where a voice turn is shown or recorded."""
+
+    def transcript(self, text: str, utterance: Utterance) -> None: ...
+
+    def delta(self, text: str) -> None: ...
+
+    def turn_done(self, transcript: str, reply: str, metrics: TurnMetrics) -> None: ...
+
+    def error(self, message: str) -> None: ...
+
+    def notice(self, message: str) -> None: ...

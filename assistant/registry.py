@@ -22,7 +22,23 @@ LLM_BACKENDS: dict[str, str] = {
     "openai": "assistant.llm.openai_compat:OpenAIChatModel",
 }
 
-_KINDS: dict[str, dict[str, str]] = {"asr": ASR_BACKENDS, "vad": VAD_BACKENDS, "llm": LLM_BACKENDS}
+SOURCES: dict[str, str] = {
+    "microphone": "assistant.io.microphone:MicrophoneSource",
+    "file": "assistant.io.audio_file:FileSource",
+}
+
+SINKS: dict[str, str] = {
+    "console": "assistant.io.console:ConsoleSink",
+    "jsonl": "assistant.io.turn_log:JsonlSink",
+}
+
+_KINDS: dict[str, dict[str, str]] = {
+    "asr": ASR_BACKENDS,
+    "vad": VAD_BACKENDS,
+    "llm": LLM_BACKENDS,
+    "source": SOURCES,
+    "sink": SINKS,
+}
 
 
 def names(kind: str) -> str:

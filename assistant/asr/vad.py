@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
+
 from assistant.config import VadConfig
 from assistant.errors import VadError
 from assistant.messages import Audio, Span
@@ -38,3 +42,16 @@ class SileroVad:
         self._model.reset_states()
         rate = audio.sample_rate
         return [Span(audio.start_s + s["start"] / rate, audio.start_s + s["end"] / rate) for s in stamps]
+
+    def frame_probability(self) -> Callable[[np.ndarray], float]:
+        """A streaming scorer for 512-sample frames at 16 kHz, with its own state (one per live stream)."""
+        import torch
+        from silero_vad import load_silero_vad
+
+        model = load_silero_vad(onnx=False)  # the JIT model keeps recurrent state: one instance per stream
+
+        def probability(frame: np.ndarray) -> float:
+            with torch.inference_mode():
+                return float(model(torch.from_numpy(frame), 16000))
+
+        return probability

@@ -13,18 +13,21 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from assistant.config import InputConfig
 from assistant.errors import AudioDecodeError
-from assistant.messages import SAMPLE_RATE, Audio
+from assistant.messages import SAMPLE_RATE, Audio, EndOfRecording
 
 _BYTES_PER_SAMPLE = 4  # float32
 _STDERR_LINES_KEPT = 20
+_LIVE_PIECE_S = 0.1  # seconds per piece when files are played in as speech
 
 FFMPEG_MISSING = "ffmpeg not found; install it with 'apt-get install ffmpeg' (Debian/Ubuntu) or 'brew install ffmpeg'"
 
@@ -153,3 +156,31 @@ def _read_exactly(stream: object, size: int) -> bytes:
 def _last_line(stderr: bytes) -> str:
     lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
     return lines[-1][:200] if lines else ""
+
+
+class FileSource:
+    """Audio files played in as if spoken: each file (or each VAD utterance of a long one) is a turn."""
+
+    def __init__(self, config: InputConfig, paths: Sequence[str | Path]) -> None:
+        self.live = config.realtime
+        self._paths = [Path(p) for p in paths]
+        self._closed = False
+
+    def chunks(self) -> Iterator[np.ndarray | EndOfRecording | Exception]:
+        for path in self._paths:
+            started = time.monotonic()
+            played_s = 0.0
+            try:
+                for piece in stream_audio(path, piece_s=_LIVE_PIECE_S):
+                    if self._closed:
+                        return
+                    if self.live:  # speaking pace: a piece is ready only once it has "been said"
+                        played_s += piece.duration_s
+                        time.sleep(max(0.0, started + played_s - time.monotonic()))
+                    yield piece.samples
+            except AudioDecodeError as exc:
+                yield exc
+            yield EndOfRecording(str(path))
+
+    def close(self) -> None:
+        self._closed = True

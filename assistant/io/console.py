@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import TextIO
 
 from assistant.chat import ChatSession
+from assistant.config import OutputConfig
 from assistant.conversation import Conversation
 from assistant.errors import AssistantError, CommandError
 from assistant.llm.base import Reply
+from assistant.messages import TurnMetrics, Utterance
 
 HELP = """commands:
   /reset              forget the conversation (the system prompt stays)
@@ -171,3 +173,37 @@ def _terminal_line() -> str | None:
 def _piped_line() -> str | None:
     line = sys.stdin.readline()
     return line.rstrip("\n") if line else None
+
+
+class ConsoleSink:
+    """Voice turns on the terminal: the transcript, then the reply as it streams; metrics with --verbose."""
+
+    def __init__(self, output: OutputConfig, *, verbose: bool = False) -> None:
+        self._verbose = verbose
+
+    def transcript(self, text: str, utterance: Utterance) -> None:
+        print(f"you: {text}", flush=True)
+        sys.stdout.write("assistant: ")
+        sys.stdout.flush()
+
+    def delta(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def turn_done(self, transcript: str, reply: str, metrics: TurnMetrics) -> None:
+        print(" [cut]" if metrics.cut else "", flush=True)
+        if self._verbose:
+            print(
+                f"[{metrics.audio_s:.1f} s of speech; end of speech -> transcript "
+                f"{metrics.speech_end_to_transcript_ms:.0f} ms -> first reply character "
+                f"{metrics.transcript_to_first_char_ms:.0f} ms (total {metrics.speech_end_to_first_char_ms:.0f} ms); "
+                f"{metrics.tokens_per_s:.1f} tok/s]",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def error(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def notice(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)

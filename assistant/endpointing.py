@@ -1,0 +1,103 @@
+"""Endpointing: cut a live 16 kHz stream into utterances with a frame-level speech probability (Silero).
+
+Speech starts when the probability rises over ``vad.threshold`` and stays speech for ``vad.min_speech_ms`` (shorter
+bursts, clicks and coughs, are dropped and never interrupt a reply). It ends after ``vad.min_silence_ms`` under the
+lower threshold (threshold - 0.15, Silero's own hysteresis), or when it reaches ``input.max_utterance_s``. The
+utterance keeps ``vad.speech_pad_ms`` of audio before and after. No torch here: the probability comes from the VAD
+backend, so this is tested with a synthetic one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from assistant.config import VadConfig
+from assistant.messages import SAMPLE_RATE, Audio, SpeechStarted, Utterance
+
+FRAME_SAMPLES = 512  # 32 ms at 16 kHz: the window Silero VAD scores
+FRAME_S = FRAME_SAMPLES / SAMPLE_RATE
+HYSTERESIS = 0.15  # speech continues until the probability drops below threshold - this
+
+SpeechProbability = Callable[[np.ndarray], float]
+Event = SpeechStarted | Utterance
+
+
+class Endpointer:
+    def __init__(
+        self,
+        probability: SpeechProbability,
+        vad: VadConfig,
+        *,
+        max_utterance_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._probability = probability
+        self._threshold = vad.threshold
+        self._min_speech = max(1, round(vad.min_speech_ms / 1000 / FRAME_S))
+        self._end_silence = max(1, round(vad.min_silence_ms / 1000 / FRAME_S))
+        self._pad = round(vad.speech_pad_ms / 1000 / FRAME_S)
+        self._max_frames = max(1, round(max_utterance_s / FRAME_S))
+        self._clock = clock
+        self._pending = np.zeros(0, np.float32)
+        self._preroll: deque[np.ndarray] = deque(maxlen=self._pad + 1)
+        self._frames_seen = 0
+        self._reset_utterance()
+
+    def _reset_utterance(self) -> None:
+        self._speech: list[np.ndarray] = []  # frames of the current utterance (pre-roll included)
+        self._start_frame = 0
+        self._speech_frames = 0  # frames over the threshold
+        self._silence_run = 0
+        self._started = False
+        self._last_speech_clock = 0.0
+
+    def push(self, samples: np.ndarray) -> Iterator[Event]:
+        """Feed captured 16 kHz samples; yields SpeechStarted and Utterance events as they happen."""
+        self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
+        while len(self._pending) >= FRAME_SAMPLES:
+            frame, self._pending = self._pending[:FRAME_SAMPLES], self._pending[FRAME_SAMPLES:]
+            yield from self._frame(frame)
+
+    def flush(self) -> Iterator[Event]:
+        """End of input: an utterance in progress ends here."""
+        if self._speech and self._speech_frames >= self._min_speech:
+            yield self._utterance(trailing_silence=self._silence_run)
+        self._reset_utterance()
+
+    def _frame(self, frame: np.ndarray) -> Iterator[Event]:
+        probability = self._probability(frame)
+        index = self._frames_seen
+        self._frames_seen += 1
+        if not self._speech:
+            self._preroll.append(frame)
+            if probability >= self._threshold:
+                self._speech = list(self._preroll)
+                self._start_frame = index - len(self._preroll) + 1
+                self._speech_frames = 1
+                self._last_speech_clock = self._clock()
+            return
+        self._speech.append(frame)
+        in_band = probability >= self._threshold - HYSTERESIS and self._silence_run == 0  # speech tails off slowly
+        if probability >= self._threshold or in_band:
+            self._silence_run = 0
+            self._speech_frames += 1
+            self._last_speech_clock = self._clock()
+        else:
+            self._silence_run += 1
+        if not self._started and self._speech_frames >= self._min_speech:
+            self._started = True
+            yield SpeechStarted(self._start_frame * FRAME_S)
+        if self._silence_run >= self._end_silence or len(self._speech) >= self._max_frames:
+            if self._speech_frames >= self._min_speech:
+                yield self._utterance(trailing_silence=self._silence_run)
+            self._reset_utterance()
+            self._preroll.clear()
+
+    def _utterance(self, *, trailing_silence: int) -> Utterance:
+        keep = len(self._speech) - max(0, trailing_silence - self._pad)
+        samples = np.concatenate(self._speech[:keep])
+        return Utterance(Audio(samples, SAMPLE_RATE, self._start_frame * FRAME_S), self._last_speech_clock)

@@ -1,0 +1,47 @@
+"""Builds the voice chat from the configuration and runs it (the ``assistant chat`` voice modes)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Sequence
+
+from assistant import registry
+from assistant.chat import ChatSession
+from assistant.config import Config
+from assistant.voice import PushToTalk, VoiceChat
+
+
+def run_voice(config: Config, session: ChatSession, audio: Sequence[str], *, verbose: bool) -> tuple[int, bool]:
+    """Voice turns until the source ends. Returns (failed turns, whether to fall back to typing)."""
+    sinks = [registry.create("sink", name, config.output, verbose=verbose) for name in config.output.sinks]
+    if audio:
+        source = registry.create("source", "file", config.input, audio)
+    else:
+        source = registry.create("source", "microphone", config.input)
+    transcriber = registry.create("asr", config.asr.backend, config.asr)
+    voice = VoiceChat(source, VoiceChat.build_segmenter(config), transcriber, session, sinks, config=config)
+    if isinstance(voice.segmenter, PushToTalk):
+        _keyboard_toggles(voice.segmenter)
+    if not audio:
+        mode = "press Enter to talk, Enter again to send" if config.input.mode == "push-to-talk" else "speak"
+        print(f"listening on {getattr(source, 'name', 'the microphone')}: {mode}; Ctrl-C to stop", file=sys.stderr)
+    try:
+        failures = voice.run()
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 0, False
+    if voice.source_error is not None and not audio and sys.stdin.isatty():
+        print("the microphone is gone; typing instead", file=sys.stderr)
+        return failures, True
+    return failures + (voice.source_error is not None), False
+
+
+def _keyboard_toggles(push_to_talk: PushToTalk) -> None:
+    def read_keys() -> None:
+        for _ in sys.stdin:
+            push_to_talk.toggle()
+            state = "recording... Enter to send" if push_to_talk.recording.is_set() else "sent"
+            print(state, file=sys.stderr, flush=True)
+
+    threading.Thread(target=read_keys, name="push-to-talk keys", daemon=True).start()
