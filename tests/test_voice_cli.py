@@ -23,7 +23,7 @@ from tests.conftest import require, require_tool, speak, write_wav
 pytestmark = pytest.mark.real_model
 
 FAST_CHAT = ["--model", "smollm2-135m", "--set", "asr.language=en", "--set", "llm.sampling.temperature=0",
-             "--set", "llm.sampling.max_new_tokens=16", "--set", "llm.system=Answer in one short sentence."]  # fmt: skip
+             "--set", "llm.sampling.max_new_tokens=16", "--set", "llm.system=Answer briefly."]  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
