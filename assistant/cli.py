@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--push-to-talk", action="store_true", help="Enter starts and ends a turn (input.mode)")
     chat.add_argument("--device", help="microphone: a sounddevice name or index (input.device)")
     chat.add_argument("--log", help="also write every turn with its metrics to this JSONL file (output.log)")
+    chat.add_argument("--speak", action="store_true", help="speak replies aloud as they stream (speaker sink)")
     _add_config_options(chat)
     chat.add_argument("--model", help="offline bundle, GGUF file, transformers directory or hub id (llm.model)")
     chat.add_argument("--backend", help="llama-cpp, hf or openai (llm.backend)")
@@ -116,9 +117,14 @@ def _chat_overrides(args: argparse.Namespace) -> list[str]:
         "input.mode": "push-to-talk" if args.push_to_talk else None,
         "input.device": args.device,
         "output.log": args.log,
-        "output.sinks": "[console, jsonl]" if args.log else None,
+        "output.sinks": _sinks(args),
     }
     return _flag_overrides(flags, args)
+
+
+def _sinks(args: argparse.Namespace) -> str | None:
+    extra = [name for name, wanted in (("jsonl", args.log), ("speaker", args.speak)) if wanted]
+    return f"[{', '.join(['console', *extra])}]" if extra else None
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -195,11 +195,22 @@ class InputConfig:
 
 
 @dataclass(frozen=True)
+class TtsConfig:
+    """The ``speaker`` sink: replies spoken sentence by sentence while they stream."""
+
+    english_voice: str = "joe-us-piper"  # a Piper voice: the offline package's name or a path to its .onnx
+    chinese_voice: str = "cmn"  # an espeak-ng voice for sentences with Chinese characters
+    device: str | None = None  # output device (sounddevice name or index); None = the system default
+    save_dir: str | None = None  # write every spoken sentence as a wav file here instead of playing it
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where replies go."""
 
     sinks: tuple[str, ...] = ("console",)  # names in registry.SINKS
     log: str = "turns.jsonl"  # jsonl sink: one JSON line per turn (transcript, reply, metrics)
+    tts: TtsConfig = field(default_factory=TtsConfig)
 
     def __post_init__(self) -> None:
         for sink in self.sinks:

@@ -30,6 +30,7 @@ SOURCES: dict[str, str] = {
 SINKS: dict[str, str] = {
     "console": "assistant.io.console:ConsoleSink",
     "jsonl": "assistant.io.turn_log:JsonlSink",
+    "speaker": "assistant.io.speaker:SpeakerSink",
 }
 
 _KINDS: dict[str, dict[str, str]] = {

@@ -28,6 +28,8 @@ def run_voice(config: Config, session: ChatSession, audio: Sequence[str], *, ver
         print(f"listening on {getattr(source, 'name', 'the microphone')}: {mode}; Ctrl-C to stop", file=sys.stderr)
     try:
         failures = voice.run()
+        for sink in sinks:
+            getattr(sink, "wait", lambda: None)()  # let the speaker finish the last reply
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 0, False
