@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pytest
 
 from assistant.chat import ChatSession
-from assistant.config import Config, VadConfig
+from assistant.cli import _input_source
+from assistant.config import Config, VadConfig, load_config
 from assistant.conversation import Conversation
 from assistant.endpointing import Endpointer
 from assistant.errors import AudioSourceError
@@ -144,3 +147,13 @@ def test_a_vanishing_microphone_ends_listening_with_a_clear_error() -> None:
     chat.run()
     assert chat.turns == 1 and chat.source_error is not None
     assert recorder.events[-1] == ("error", "audio-source: the microphone 'USB mic' stopped delivering audio")
+
+
+def test_auto_source_falls_back_to_typing_without_a_microphone(capsys: pytest.CaptureFixture[str]) -> None:
+    if importlib.util.find_spec("sounddevice") is None:
+        pytest.skip("sounddevice is not installed")
+    config = load_config(overrides=["input.device=no-such-microphone"])
+    assert _input_source(config, None, interactive=True) == "text"
+    assert "audio-source: no microphone: 'no-such-microphone' not found" in capsys.readouterr().err
+    assert _input_source(load_config(), None, interactive=False) == "text"  # piped stdin: scripts type
+    assert _input_source(load_config(overrides=["input.source=file"]), ["a.wav"], interactive=True) == "file"
