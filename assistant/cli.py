@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--verbose", action="store_true", help="time to first token and tokens/s after every reply")
     chat.set_defaults(handler=_chat)
 
+    serve = commands.add_parser("serve", help="serve OpenAI-compatible HTTP, a WebSocket session and a browser page")
+    _add_config_options(serve)
+    serve.add_argument("--host", help="address to bind (server.host; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (server.port; default 8765)")
+    serve.add_argument("--model", help="chat model (llm.model)")
+    serve.add_argument("--asr-model", help="Whisper model (asr.model)")
+    serve.set_defaults(handler=_serve)
+
     models = commands.add_parser("models", help="list the offline model bundles and whether they are installed")
     models.add_argument("--verify", action="store_true", help="assemble and check each installed bundle's sha256")
     models.set_defaults(handler=_models)
@@ -178,6 +186,18 @@ def _input_source(config: Config, audio: Sequence[str] | None, interactive: bool
         print(f"{exc}; typing instead", file=sys.stderr)
         return "text"
     return "microphone"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {"server.host": args.host, "server.port": args.port, "llm.model": args.model, "asr.model": args.asr_model}
+    config = load_config(args.config, _flag_overrides(flags, args))
+    if args.print_config:
+        print(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
+        return EXIT_OK
+    from assistant.io.server import serve
+
+    serve(config)
+    return EXIT_OK
 
 
 def _transcribe(args: argparse.Namespace) -> int:

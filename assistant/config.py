@@ -218,6 +218,24 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # any other address requires api_key
+    port: int = 8765
+    api_key: str | None = None  # Bearer token; default: the ASSISTANT_API_KEY environment variable
+    max_sessions: int = 16  # open WebSocket sessions
+    max_pending: int = 8  # model jobs waiting for the worker; more is a "busy" error
+    max_upload_mb: float = 50.0  # HTTP body / uploaded file
+    max_turn_audio_s: float = 60.0  # audio in one WebSocket turn
+    max_message_kb: int = 1024  # one WebSocket message
+    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides the server's own address
+
+    def __post_init__(self) -> None:
+        _require(0 < self.port < 65536, "server.port", self.port, "a TCP port number")
+        _require(self.max_sessions >= 1, "server.max_sessions", self.max_sessions, "an integer >= 1")
+        _require(self.max_pending >= 1, "server.max_pending", self.max_pending, "an integer >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     asr: AsrConfig = field(default_factory=AsrConfig)
     vad: VadConfig = field(default_factory=VadConfig)
@@ -226,6 +244,7 @@ class Config:
     chat: ChatConfig = field(default_factory=ChatConfig)
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 def _require(ok: bool, path: str, value: object, expected: str) -> None:

@@ -81,3 +81,19 @@ class AudioSourceError(AssistantError):
     """No microphone, or the capture device failed or vanished."""
 
     code = "audio-source"
+
+
+class BusyError(AssistantError):
+    """The model worker's queue is full: try again shortly."""
+
+    code = "busy"
+
+
+class AuthError(AssistantError):
+    code = "unauthorized"
+
+
+class LimitError(AssistantError):
+    """A request over one of the server's limits (size, audio seconds, sessions)."""
+
+    code = "limit"

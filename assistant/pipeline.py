@@ -58,12 +58,21 @@ class TranscriptionPipeline:
         detector = registry.create("vad", vad.backend, vad) if vad.enabled else None
         return cls(transcriber, detector, asr=asr, transcribe=transcribe)
 
-    def transcribe_file(self, path: str | Path, *, on_progress: Callable[[float], None] | None = None) -> FileResult:
-        """Transcribe one file; ``on_progress`` gets the seconds of audio done so far."""
+    def transcribe_file(
+        self,
+        path: str | Path,
+        *,
+        on_progress: Callable[[float], None] | None = None,
+        language: str | None = None,
+    ) -> FileResult:
+        """Transcribe one file; ``on_progress`` gets the seconds of audio done so far; ``language`` overrides the
+        configured one for this file."""
         started = time.perf_counter()
         info = probe(path)
         clock = _StageClock()
-        language = self._language
+        language = normalize_language(language) or self._language
+        if language and not self.transcriber.supports_language(language):
+            raise ConfigError(f"language: {language_error(language, self._asr.model)}")
         segments: list[Segment] = []
         pieces = clock.timed_iter("decode", stream_audio(path, piece_s=DECODE_PIECE_S))
         for block in blocks_at_quiet_points(pieces, self._transcribe.block_s):

@@ -1,0 +1,293 @@
+"""``assistant serve``: one FastAPI app on uvicorn. OpenAI-compatible HTTP, a WebSocket voice/text session, a page.
+
+Models are loaded once and shared; all model work goes through one ModelWorker (bounded queue: overload is a clear
+``busy`` error, HTTP 503). Security: 127.0.0.1 by default; any other address needs an API key (Bearer header for
+HTTP; header, ``?api_key=`` or the first message for WebSockets); request bodies, WebSocket messages, audio per turn
+and open sessions are limited; browsers must come from an allowed Origin; no endpoint opens a path a client sends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+from assistant import registry
+from assistant.asr.writers import WRITERS
+from assistant.chat import ChatSession
+from assistant.config import Config, SamplingConfig, build
+from assistant.conversation import Conversation
+from assistant.errors import AssistantError, AudioDecodeError, AuthError, ConfigError, LimitError
+from assistant.llm.base import ChatModel
+from assistant.messages import ROLES, Message
+from assistant.pipeline import TranscriptionPipeline
+from assistant.worker import ModelWorker
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+_STATUS = {"config": 400, "prompt-too-long": 400, "audio-decode": 400, "limit": 413, "busy": 503,
+           "unauthorized": 401, "template": 400, "conversation": 400}  # fmt: skip
+WEB_DIR = Path(__file__).with_name("web")
+
+
+@dataclasses.dataclass
+class Services:
+    """What the app shares between all requests: the configuration, the models and the one worker."""
+
+    config: Config
+    chat_model: ChatModel
+    transcription: TranscriptionPipeline
+    worker: ModelWorker
+    api_key: str | None
+    sessions: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @classmethod
+    def load(cls, config: Config) -> Services:
+        check_exposure(config)
+        chat_model = registry.create("llm", config.llm.backend, config.llm)
+        transcription = TranscriptionPipeline.from_config(config)
+        api_key = config.server.api_key or os.environ.get("ASSISTANT_API_KEY") or None
+        return cls(config, chat_model, transcription, ModelWorker(config.server.max_pending), api_key)
+
+
+def check_exposure(config: Config) -> None:
+    """Binding beyond loopback without an API key would hand the models to the whole network."""
+    key = config.server.api_key or os.environ.get("ASSISTANT_API_KEY")
+    if not _is_loopback(config.server.host) and not key:
+        raise ConfigError(
+            f"server.host {config.server.host!r} is reachable from other machines: set server.api_key (or "
+            "ASSISTANT_API_KEY) so that only your clients can use it, or bind 127.0.0.1"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def error_body(exc: AssistantError) -> dict[str, Any]:
+    """OpenAI's error shape, with our stable code."""
+    return {"error": {"message": exc.message, "type": exc.code, "code": exc.code}}
+
+
+def sampling_from_request(base: SamplingConfig, body: dict[str, Any]) -> SamplingConfig:
+    """The server's sampling defaults with the OpenAI request's fields over them, validated like the YAML."""
+    names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_tokens": "max_new_tokens",
+             "max_completion_tokens": "max_new_tokens", "repetition_penalty": "repetition_penalty", "seed": "seed",
+             "stop": "stop", "min_tokens": "min_new_tokens"}  # fmt: skip
+    values = dataclasses.asdict(base)
+    for field, name in names.items():
+        if body.get(field) is not None:
+            value = body[field]
+            values[name] = [value] if field == "stop" and isinstance(value, str) else value
+    return build(SamplingConfig, values, "llm.sampling")  # type: ignore[no-any-return]
+
+
+def messages_from_request(items: Any) -> list[Message]:
+    if not isinstance(items, list) or not items:
+        raise ConfigError("messages: give a non-empty list of {role, content} objects")
+    messages = []
+    for index, item in enumerate(items):
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(item, dict) or item.get("role") not in ROLES or not isinstance(content, str):
+            raise ConfigError(f"messages[{index}]: expected {{'role': system|user|assistant, 'content': text}}")
+        messages.append(Message(item["role"], content))
+    return messages
+
+
+def create_app(services: Services) -> FastAPI:
+    config = services.config
+    app = FastAPI(title="assistant", version="0.1.0", docs_url=None, redoc_url=None)
+    limit_bytes = int(config.server.max_upload_mb * 1024 * 1024)
+
+    @app.exception_handler(AssistantError)
+    async def assistant_error(request: Request, exc: AssistantError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, 500))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        try:
+            if request.url.path.startswith("/v1/"):
+                _check_key(services, request.headers.get("authorization"))
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > limit_bytes:
+                raise LimitError(f"the request body is over server.max_upload_mb ({config.server.max_upload_mb} MB)")
+        except AssistantError as exc:
+            return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, 400))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "asr": config.asr.model, "llm": config.llm.model, "sessions": services.sessions}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": config.llm.model, "object": "model", "created": created, "owned_by": "assistant"},
+            {"id": config.asr.model, "object": "model", "created": created, "owned_by": "assistant"},
+        ]}  # fmt: skip
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> Any:
+        form = await request.form(max_part_size=limit_bytes)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ConfigError("file: send the audio as a multipart file field named 'file'")
+        response_format = str(form.get("response_format") or "json")
+        if response_format not in RESPONSE_FORMATS:
+            raise ConfigError(f"response_format {response_format!r}: choose one of {', '.join(RESPONSE_FORMATS)}")
+        language = str(form.get("language") or "") or None
+        with tempfile.TemporaryDirectory(prefix="assistant-upload-") as folder:
+            path = Path(folder) / "upload"  # our own name: nothing the client sends becomes a path
+            size = 0
+            with path.open("wb") as out:
+                while block := await upload.read(1 << 20):
+                    size += len(block)
+                    if size > limit_bytes:
+                        raise LimitError(f"the file is over server.max_upload_mb ({config.server.max_upload_mb} MB)")
+                    out.write(block)
+            try:
+                result = await services.worker.run(
+                    lambda: services.transcription.transcribe_file(path, language=language)
+                )
+            except AudioDecodeError as exc:  # name the client's file, not our temporary path
+                raise AudioDecodeError(exc.message.replace(str(path), upload.filename or "the upload")) from None
+        transcript = result.transcript
+        if response_format == "text":
+            return PlainTextResponse(transcript.text + "\n")
+        if response_format in ("srt", "vtt"):
+            return PlainTextResponse(WRITERS[response_format](transcript, {}))
+        if response_format == "json":
+            return {"text": transcript.text}
+        return {
+            "task": "transcribe", "language": transcript.language, "duration": transcript.audio_s,
+            "text": transcript.text,
+            "segments": [{"id": i, "start": s.start_s, "end": s.end_s, "text": s.text}
+                         for i, s in enumerate(transcript.segments)],
+        }  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Any:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ConfigError("the body is not valid JSON; send an OpenAI chat completions request") from None
+        if not isinstance(body, dict):
+            raise ConfigError("the body must be a JSON object")
+        messages = messages_from_request(body.get("messages"))
+        params = sampling_from_request(config.llm.sampling, body)
+        continue_last = messages[-1].role == "assistant"
+        model, request_id, created = config.llm.model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        cancel = threading.Event()
+
+        def generate() -> Any:
+            return services.chat_model.stream(messages, params, continue_last=continue_last, cancel=cancel)
+
+        if not body.get("stream"):
+
+            def whole() -> tuple[str, Any]:
+                reply = generate()
+                text = "".join(reply)
+                return text, reply.stats
+
+            text, stats = await services.worker.run(whole)
+            return {
+                "id": request_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "length" if stats.finish_reason == "length" else "stop"}],
+                "usage": _usage(stats),
+            }  # fmt: skip
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        holder: dict[str, Any] = {}
+
+        def deltas() -> Any:
+            reply = generate()
+            yield from reply
+            holder["stats"] = reply.stats
+
+        async def events() -> AsyncIterator[str]:
+            def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+                data = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+                return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                async for text in services.worker.stream(deltas, cancel):
+                    if await request.is_disconnected():
+                        return  # leaving the stream sets cancel: generation stops, the worker is free
+                    yield chunk({"content": text})
+            except AssistantError as exc:
+                yield f"data: {json.dumps(error_body(exc))}\n\n"
+                return
+            stats = holder.get("stats")
+            yield chunk({}, "length" if stats is not None and stats.finish_reason == "length" else "stop")
+            if include_usage and stats is not None:
+                usage = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                         "choices": [], "usage": _usage(stats)}  # fmt: skip
+                yield f"data: {json.dumps(usage)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket) -> None:
+        from assistant.io.realtime import RealtimeSession
+
+        await RealtimeSession(services, websocket).run()
+
+    @app.get("/")
+    async def page() -> Any:
+        index = WEB_DIR / "index.html"
+        if not index.is_file():
+            return PlainTextResponse("assistant server: see /v1/models and /v1/realtime")
+        return FileResponse(index, media_type="text/html")
+
+    return app
+
+
+def _usage(stats: Any) -> dict[str, int]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens}  # fmt: skip
+
+
+def _check_key(services: Services, authorization: str | None) -> None:
+    if services.api_key is None:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), services.api_key):
+        raise AuthError("missing or wrong API key: send 'Authorization: Bearer <server.api_key>'")
+
+
+def new_session(services: Services) -> ChatSession:
+    """A fresh conversation on the shared model, with the server's system prompt and sampling."""
+    llm = services.config.llm
+    return ChatSession(services.chat_model, Conversation(llm.system), llm.sampling)
+
+
+def serve(config: Config) -> None:
+    import uvicorn
+
+    services = Services.load(config)
+    print(f"assistant serving on http://{config.server.host}:{config.server.port}/ (Ctrl-C to stop)", flush=True)
+    uvicorn.run(create_app(services), host=config.server.host, port=config.server.port, log_level="warning",
+                ws_max_size=config.server.max_message_kb * 1024)  # fmt: skip
