@@ -289,5 +289,7 @@ def serve(config: Config) -> None:
 
     services = Services.load(config)
     print(f"assistant serving on http://{config.server.host}:{config.server.port}/ (Ctrl-C to stop)", flush=True)
+    # frames up to 4x the message limit reach the session, which answers with an `error` event and goes on;
+    # beyond that the WebSocket layer closes the connection with 1009 (message too big) before buffering it
     uvicorn.run(create_app(services), host=config.server.host, port=config.server.port, log_level="warning",
-                ws_max_size=config.server.max_message_kb * 1024)  # fmt: skip
+                ws_max_size=config.server.max_message_kb * 1024 * 4)  # fmt: skip
