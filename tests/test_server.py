@@ -277,7 +277,7 @@ def test_browser_origin_must_match(server: str) -> None:
     asyncio.run(session())
 
 
-# --- exposure and keys -------------------------------------------------------------------------------------------------
+# --- exposure and keys ---------------------------------------------------------------------------------------------
 
 
 def test_binding_beyond_loopback_needs_a_key() -> None:
