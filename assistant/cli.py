@@ -80,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--asr-model", help="Whisper model (asr.model)")
     serve.set_defaults(handler=_serve)
 
+    client = commands.add_parser("client", help="talk to an 'assistant serve' over its WebSocket session")
+    client.add_argument("--url", default="ws://127.0.0.1:8765/v1/realtime", help="the server's /v1/realtime URL")
+    client.add_argument("--api-key", help="the server's API key (default: ASSISTANT_API_KEY)")
+    mode = client.add_mutually_exclusive_group()
+    mode.add_argument("--audio", nargs="+", metavar="FILE", help="stream audio files as speech")
+    mode.add_argument("--mic", action="store_true", help="stream the microphone")
+    mode.add_argument("--text", action="store_true", help="type turns (the default)")
+    client.add_argument("--device", help="microphone: a sounddevice name or index")
+    client.set_defaults(handler=_client)
+
     models = commands.add_parser("models", help="list the offline model bundles and whether they are installed")
     models.add_argument("--verify", action="store_true", help="assemble and check each installed bundle's sha256")
     models.set_defaults(handler=_models)
@@ -186,6 +196,15 @@ def _input_source(config: Config, audio: Sequence[str] | None, interactive: bool
         print(f"{exc}; typing instead", file=sys.stderr)
         return "text"
     return "microphone"
+
+
+def _client(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from assistant.io.client import run_client
+
+    key = args.api_key or os.environ.get("ASSISTANT_API_KEY")
+    return asyncio.run(run_client(args.url, api_key=key, audio=args.audio or [], mic=args.mic, device=args.device))
 
 
 def _serve(args: argparse.Namespace) -> int:
