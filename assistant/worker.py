@@ -1,7 +1,9 @@
 """One worker thread for all model work, with a bounded queue.
 
 Models are loaded once and are not thread-safe (a KV cache, a CUDA stream), so every transcription and every reply
-runs on this one thread, in arrival order. The queue is bounded: when ``max_pending`` jobs wait, a new one is refused
+runs on this one thread, in arrival order. Jobs submitted with ``batch`` and the same key that wait in the queue
+together are run as one call (several sessions' utterances transcribed in one batch where the backend batches).
+The queue is bounded: when ``max_pending`` jobs wait, a new one is refused
 with a ``busy`` error at once instead of queueing without end. Async code (the server) awaits results and streams
 through ``asyncio`` bridges; a cancelled stream stops within a token and frees the worker.
 """
@@ -11,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from assistant.errors import BusyError
@@ -21,11 +24,35 @@ T = TypeVar("T")
 _DONE = object()
 
 
+@dataclass
+class _Batchable:
+    """One item of work that may run together with other queued items of the same key."""
+
+    key: Hashable
+    item: Any
+    run_many: Callable[[list[Any]], list[Any]]
+    limit: int
+
+
 class ModelWorker:
     def __init__(self, max_pending: int) -> None:
-        self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue(maxsize=max_pending)
+        self._jobs: queue.Queue[tuple[Callable[[], Any] | _Batchable, Future[Any]] | None] = queue.Queue(
+            maxsize=max_pending
+        )
+        self._held: list[tuple[Callable[[], Any] | _Batchable, Future[Any]]] = []  # taken while gathering a batch
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._thread.start()
+
+    async def batch(self, key: Hashable, item: Any, run_many: Callable[[list[Any]], list[Any]], *, limit: int) -> Any:
+        """Run ``run_many([item, ...])`` for this item, together with up to ``limit`` queued items of ``key``."""
+        future: Future[Any] = Future()
+        try:
+            self._jobs.put_nowait((_Batchable(key, item, run_many, limit), future))
+        except queue.Full:
+            raise BusyError(
+                f"the server is busy ({self._jobs.maxsize} requests are waiting for the model); try again shortly"
+            ) from None
+        return await asyncio.wrap_future(future)
 
     def submit(self, job: Callable[[], T]) -> Future[T]:
         future: Future[T] = Future()
@@ -67,11 +94,41 @@ class ModelWorker:
         self._jobs.put(None)
 
     def _run(self) -> None:
-        while (entry := self._jobs.get()) is not None:
+        while (entry := self._next()) is not None:
             job, future = entry
+            if isinstance(job, _Batchable):
+                self._run_batch(job, future)
+                continue
             if not future.set_running_or_notify_cancel():
                 continue
             try:
                 future.set_result(job())
             except BaseException as exc:
                 future.set_exception(exc)
+
+    def _next(self) -> tuple[Callable[[], Any] | _Batchable, Future[Any]] | None:
+        return self._held.pop(0) if self._held else self._jobs.get()
+
+    def _run_batch(self, first: _Batchable, future: Future[Any]) -> None:
+        """Gather the queued jobs of the same key (others keep their order) and run them as one call."""
+        members = [(first, future)]
+        while len(members) < first.limit:
+            try:
+                entry = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if entry is not None and isinstance(entry[0], _Batchable) and entry[0].key == first.key:
+                members.append((entry[0], entry[1]))  # type: ignore[arg-type]
+            else:
+                self._held.append(entry)  # type: ignore[arg-type]
+        live = [(job, f) for job, f in members if f.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results = first.run_many([job.item for job, _ in live])
+        except BaseException as exc:
+            for _, f in live:
+                f.set_exception(exc)
+            return
+        for (_, f), result in zip(live, results, strict=True):
+            f.set_result(result)

@@ -243,11 +243,12 @@ class RealtimeSession:
         language = self._language
         transcriber = services.transcription.transcriber
 
-        def transcribe() -> str:
-            result = transcriber.transcribe_many([audio], language=language, timestamps=False)[0]
-            return result.text.strip()
+        def transcribe_many(audios: list[Audio]) -> list[str]:
+            results = transcriber.transcribe_many(audios, language=language, timestamps=False)
+            return [result.text.strip() for result in results]
 
-        text = await services.worker.run(transcribe)
+        # utterances of several sessions waiting together are transcribed in one batch (whisper-hf batches them)
+        text = await services.worker.batch(("asr", language), audio, transcribe_many, limit=transcriber.batch_size)
         if not text:
             return  # noise: no turn
         await self._send({"type": "conversation.item.input_audio_transcription.completed", "transcript": text,

@@ -1,0 +1,87 @@
+"""The model worker: order, the bounded queue, streaming bridges, and batching of queued jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from assistant.errors import BusyError
+from assistant.worker import ModelWorker
+
+
+def test_full_queue_is_busy_not_unbounded() -> None:
+    worker = ModelWorker(max_pending=2)
+    gate = threading.Event()
+    worker.submit(gate.wait)  # occupies the worker
+    accepted, refused = 0, 0
+    for _ in range(5):
+        try:
+            worker.submit(lambda: None)
+            accepted += 1
+        except BusyError as exc:
+            refused += 1
+            assert "busy" in str(exc)
+    gate.set()
+    assert refused >= 2 and accepted <= 3
+
+
+def test_queued_jobs_of_one_key_run_as_one_batch_in_order() -> None:
+    worker = ModelWorker(max_pending=16)
+    calls: list[list[int]] = []
+    gate = threading.Event()
+
+    def double(items: list[int]) -> list[int]:
+        calls.append(items)
+        return [2 * item for item in items]
+
+    async def scenario() -> list[object]:
+        worker.submit(gate.wait)  # hold the worker so the jobs below queue up together
+        jobs = [worker.batch("asr", n, double, limit=3) for n in range(5)]
+        other = asyncio.wrap_future(worker.submit(lambda: "other"))
+        tasks = [asyncio.ensure_future(job) for job in [*jobs, other]]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(scenario())
+    assert results == [0, 2, 4, 6, 8, "other"]
+    assert calls == [[0, 1, 2], [3, 4]]
+
+
+def test_a_failing_batch_fails_each_of_its_jobs() -> None:
+    worker = ModelWorker(max_pending=4)
+
+    def broken(items: list[int]) -> list[int]:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        asyncio.run(worker.batch("asr", 1, broken, limit=4))
+
+
+def test_stream_bridges_items_and_cancels_when_left_early() -> None:
+    worker = ModelWorker(max_pending=4)
+    cancel = threading.Event()
+    produced: list[int] = []
+
+    def numbers():
+        for n in range(1000):
+            if cancel.is_set():
+                return
+            produced.append(n)
+            yield str(n)
+            threading.Event().wait(0.001)
+
+    async def take_three() -> list[str]:
+        got = []
+        async for item in worker.stream(numbers, cancel):
+            got.append(item)
+            if len(got) == 3:
+                break
+        return got
+
+    assert asyncio.run(take_three()) == ["0", "1", "2"]
+    assert cancel.is_set()
+    assert asyncio.run(worker.run(lambda: "free")) == "free"  # the worker is not stuck on the abandoned stream
+    assert len(produced) < 1000
