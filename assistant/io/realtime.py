@@ -23,7 +23,7 @@ import numpy as np
 
 from assistant.config import VadConfig, build
 from assistant.endpointing import Endpointer
-from assistant.errors import AssistantError, ConfigError, LimitError
+from assistant.errors import AsrError, AssistantError, ConfigError, LimitError
 from assistant.messages import SAMPLE_RATE, Audio, SpeechStarted, Utterance
 
 CLOSE_POLICY = 1008  # WebSocket close code: policy violation (bad origin, no key)
@@ -248,7 +248,12 @@ class RealtimeSession:
             return [result.text.strip() for result in results]
 
         # utterances of several sessions waiting together are transcribed in one batch (whisper-hf batches them)
-        text = await services.worker.batch(("asr", language), audio, transcribe_many, limit=transcriber.batch_size)
+        try:
+            text = await services.worker.batch(("asr", language), audio, transcribe_many, limit=transcriber.batch_size)
+        except AssistantError:
+            raise
+        except Exception as exc:  # the recogniser failed on this turn only: say so, keep the session
+            raise AsrError(f"transcription failed: {type(exc).__name__}: {exc}") from None
         if not text:
             return  # noise: no turn
         await self._send({"type": "conversation.item.input_audio_transcription.completed", "transcript": text,
