@@ -175,3 +175,18 @@ def build_tiny_chat_model(target: Path, *, seed: int = 0) -> Path:
 def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("transformers")
     return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+def require_offline_models(*names: str) -> None:
+    """The offline bundles ``names`` assembled and verified, and llama.cpp importable (for the GGUF ones)."""
+    import importlib.util
+
+    from assistant.errors import ModelNotFoundError
+    from assistant.models import OFFLINE_BUNDLES, install_bundle
+
+    require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python is not installed")
+    for name in names:
+        try:
+            install_bundle(OFFLINE_BUNDLES[name])
+        except ModelNotFoundError as exc:
+            require(False, str(exc))

