@@ -36,7 +36,7 @@ class AsrConfig:
     attention: str = "auto"  # whisper-hf: auto | sdpa | flash_attention_2 | eager
     threads: int = 0  # CPU threads, 0 = all cores
     chunk_s: float = 30.0  # longest audio piece sent to the model in one window, seconds
-    batch_size: int = 16  # windows decoded together (GPU); CPU backends cap it to what helps
+    batch_size: int = 16  # windows decoded together (GPU); 0 = as many as free VRAM holds (whisper-hf on CUDA)
     language: str | None = None  # None = detect; zh, en, yue, ...
     task: Task = "transcribe"
     zh_script: ZhScript = "simplified"  # applied when the language is zh
@@ -52,7 +52,7 @@ class AsrConfig:
         if self.backend not in registry.ASR_BACKENDS:
             raise ConfigError(f"asr.backend: unknown backend {self.backend!r}; choose one of {registry.names('asr')}")
         _require(self.chunk_s > 0 and self.chunk_s <= 30, "asr.chunk_s", self.chunk_s, "a number in (0, 30]")
-        _require(self.batch_size >= 1, "asr.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.batch_size >= 0, "asr.batch_size", self.batch_size, "0 (auto from free VRAM) or an integer >= 1")
         _require(self.beam_size >= 1, "asr.beam_size", self.beam_size, "an integer >= 1")
         _require(self.threads >= 0, "asr.threads", self.threads, "0 (all cores) or a positive integer")
         _require(len(self.temperatures) > 0, "asr.temperatures", self.temperatures, "a non-empty list")
@@ -138,6 +138,8 @@ class LlmConfig:
     compute_dtype: str = "auto"  # hf 4bit matmul dtype: auto | float32 | float16 | bfloat16
     adapter: str | None = None  # hf: a LoRA adapter directory (peft); its tokenizer wins if it has one
     attention: str = "auto"  # hf: auto | sdpa | flash_attention_2 | eager
+    cache: Literal["dynamic", "static"] = "dynamic"  # hf: KV cache grown per token, or preallocated for the context
+    compile: bool = False  # hf: torch.compile the decode step over a static cache (fast batch-1 decode on GPUs)
     threads: int = 0  # llama-cpp: CPU threads, 0 = all cores
     gpu_layers: int = 0  # llama-cpp: layers offloaded to the GPU, -1 = all
     batch_tokens: int = 512  # llama-cpp: prompt tokens evaluated per batch

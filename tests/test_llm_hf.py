@@ -164,3 +164,17 @@ def test_4bit_where_bitsandbytes_has_no_backend(tiny_chat_model: Path, monkeypat
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_backend)
     with pytest.raises(ModelLoadError, match=r"llm.quantize 4bit cannot run here \(bitsandbytes: no kernel"):
         load(tiny_chat_model, quantize="4bit")
+
+
+@pytest.mark.parametrize("options", [{"cache": "static"}, {"compile": True}], ids=["static-cache", "compiled"])
+def test_static_and_compiled_decode_give_the_same_tokens(tiny_chat_model: Path, options: dict[str, object]) -> None:
+    """The fast decode paths must not change a greedy reply, on a first turn or on a turn that reuses the cache."""
+    eager = load(tiny_chat_model)
+    fast = load(tiny_chat_model, context_tokens=256, sampling=GREEDY, **options)
+    first = "".join(eager.stream(CONVERSATION, GREEDY))
+    assert "".join(fast.stream(CONVERSATION, GREEDY)) == first
+    follow_up = [*CONVERSATION, Message("assistant", first), Message("user", "再说一遍")]
+    reply = fast.stream(follow_up, GREEDY)
+    assert "".join(reply) == "".join(eager.stream(follow_up, GREEDY)) and reply.stats.cached_tokens > 0
+    retry = fast.stream(CONVERSATION, GREEDY)  # a shorter prompt than the cache holds: stale slots are masked
+    assert "".join(retry) == first

@@ -49,6 +49,7 @@ class WhisperHFTranscriber:
                 raise hub_unreachable(config.model, exc) from None
             raise ModelLoadError(f"cannot load '{config.model}' with transformers: {exc}") from None
         self._model.eval()
+        self._auto_batch = 0
         self._languages = {
             token.strip("<|>"): token_id for token, token_id in self._model.generation_config.lang_to_id.items()
         }
@@ -60,6 +61,9 @@ class WhisperHFTranscriber:
 
     @property
     def batch_size(self) -> int:
+        if self._config.batch_size == 0:
+            self._auto_batch = self._auto_batch or auto_batch_size(self._model.config, self._device, self._dtype)
+            return self._auto_batch
         return self._config.batch_size
 
     def supports_language(self, language: str) -> bool:
@@ -163,3 +167,26 @@ def _model_source(location: ModelLocation) -> str:
     if not is_converted(target):
         convert_ct2_whisper(location.path, target)
     return str(target)
+
+
+AUTO_BATCH_CPU = 4  # CPU: more windows per batch do not run faster
+AUTO_BATCH_MAX = 64
+_ENCODER_FRAMES = 1500  # encoder positions of a 30 s window
+_ACTIVATION_FACTOR = 24  # peak encoder activations per layer-free (d_model x frames) tensor, measured order of size
+_DECODER_TOKENS = 448  # longest decoder sequence
+_HEADROOM = 0.8  # share of free memory the batch may use
+
+
+def auto_batch_size(model_config: Any, device: str, dtype: Any) -> int:
+    """How many 30 s windows fit in free VRAM: encoder activations plus the decoder's KV cache, per window."""
+    if not device.startswith("cuda"):
+        return AUTO_BATCH_CPU
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    width = torch.tensor([], dtype=dtype).element_size()
+    d_model, layers = model_config.d_model, model_config.decoder_layers
+    per_window = _ENCODER_FRAMES * d_model * width * _ACTIVATION_FACTOR
+    per_window += _DECODER_TOKENS * 2 * layers * d_model * width  # self-attention KV
+    per_window += _ENCODER_FRAMES * 2 * layers * d_model * width  # cross-attention KV
+    return max(1, min(AUTO_BATCH_MAX, int(free * _HEADROOM // per_window)))

@@ -3,7 +3,9 @@ bitsandbytes 8-bit / 4-bit (nf4, double quant), LoRA adapters through peft.
 
 The decode loop is our own rather than ``generate()``: it keeps the KV cache of the previous prompt and, on the next
 turn, feeds only the tokens after the longest common prefix (the history is not encoded again every turn); it stops
-within one token when the consumer stops reading; and it needs no thread and queue for streaming.
+within one token when the consumer stops reading; and it needs no thread and queue for streaming. ``llm.cache:
+static`` preallocates the cache for the whole context; ``llm.compile`` also compiles the one-token decode step
+(torch.compile, CUDA graphs on GPUs), the fast path for batch-1 decode; the default stays the portable eager loop.
 """
 
 from __future__ import annotations
@@ -46,15 +48,21 @@ class HFChatModel(TokenChatModel):
             else None
         )
         self.template = choose_template(config.template, model_ref=config.model, model_template=model_template)
-        self._cache: Any = None  # DynamicCache holding exactly the ids in self._cache_ids
+        self._cache: Any = None  # KV cache holding exactly the ids in self._cache_ids
         self._cache_ids: list[int] = []
         self._cached = 0
+        self._static = config.cache == "static" or config.compile
+        # compiled single-token decode over a static cache: fixed shapes, so CUDA graphs can replay each step
+        self._decode_step = (
+            torch.compile(self._model.forward, mode="reduce-overhead", fullgraph=True) if config.compile else None
+        )
 
     @property
     def description(self) -> str:
         quantized = f" {self._config.quantize}" if self._config.quantize != "none" else ""
         dtype = str(self._dtype).removeprefix("torch.")
-        return f"hf {self._config.model}{quantized} {dtype} {self._device} template={self.template.name}"
+        cache = " compiled" if self._config.compile else (" static-cache" if self._static else "")
+        return f"hf {self._config.model}{quantized} {dtype} {self._device}{cache} template={self.template.name}"
 
     # --- loading -------------------------------------------------------------------------------------------------
 
@@ -144,27 +152,50 @@ class HFChatModel(TokenChatModel):
                 new_ids = [int(token)]
 
     def _reuse_cache(self, prompt_ids: list[int]) -> list[int]:
-        """Crop the cache to the prompt's longest common prefix with what it holds; return the ids still to feed."""
-        from transformers import DynamicCache
-
+        """Keep the cache's longest common prefix with the prompt; return the ids still to feed."""
         common = 0
         limit = min(len(self._cache_ids), len(prompt_ids) - 1)  # at least one token must be fed for logits
         while common < limit and self._cache_ids[common] == prompt_ids[common]:
             common += 1
         if self._cache is None or common == 0:
-            self._cache, self._cache_ids, common = DynamicCache(config=self._model.config), [], 0
+            self._cache, self._cache_ids, common = self._new_cache(), [], 0
         elif common < len(self._cache_ids):
-            self._cache.crop(common - len(self._cache_ids))  # transformers 5: a negative count drops that many
+            if self._static:  # rewind the write position; slots past it are masked, then overwritten
+                for layer in self._cache.layers:
+                    if layer.is_initialized:
+                        layer.cumulative_length.fill_(common)
+            else:
+                self._cache.crop(common - len(self._cache_ids))  # transformers 5: a negative count drops that many
             self._cache_ids = self._cache_ids[:common]
         self._cached = common
         return prompt_ids[common:]
 
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache, StaticCache
+
+        if self._static:
+            return StaticCache(config=self._model.config, max_cache_len=self.context_tokens)
+        return DynamicCache(config=self._model.config)
+
     def _forward(self, ids: list[int]) -> Any:
         """Logits of the last position after feeding ``ids``; the cache is dropped if the forward is interrupted."""
+        torch = self._torch
         cache, self._cache = self._cache, None  # an exception or Ctrl-C mid-forward leaves a half-updated cache
-        inputs = self._torch.tensor([ids], device=self._input_device)
-        output = self._model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self._cache = output.past_key_values
+        inputs = torch.tensor([ids], device=self._input_device)
+        start = len(self._cache_ids)
+        positions = torch.arange(start, start + len(ids), device=self._input_device)
+        forward = self._decode_step if len(ids) == 1 and self._decode_step is not None else self._model
+        extra: dict[str, Any] = {}
+        if self._static:
+            # slots past the end may hold an older turn's tokens: mask them explicitly (SDPA would otherwise skip
+            # the mask for one-token steps); the mask has the cache's full, fixed length, so compiled steps keep
+            # one shape
+            mask = torch.zeros(1, self.context_tokens, dtype=torch.long, device=self._input_device)
+            mask[:, : start + len(ids)] = 1
+            extra["attention_mask"] = mask
+        output = forward(input_ids=inputs, past_key_values=cache, cache_position=positions, use_cache=True,
+                         logits_to_keep=1, **extra)  # fmt: skip
+        self._cache = cache if self._static else output.past_key_values
         self._cache_ids.extend(ids)
         return output.logits[:, -1, :].float()
 
