@@ -190,3 +190,19 @@ def require_offline_models(*names: str) -> None:
             install_bundle(OFFLINE_BUNDLES[name])
         except ModelNotFoundError as exc:
             require(False, str(exc))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip cleanly where there is no CUDA device."""
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
