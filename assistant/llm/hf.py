@@ -54,7 +54,8 @@ class HFChatModel(TokenChatModel):
         self._static = config.cache == "static" or config.compile
         # compiled single-token decode over a static cache: fixed shapes, so CUDA graphs can replay each step
         self._decode_step = (
-            torch.compile(self._model.forward, mode="reduce-overhead")  # graph breaks allowed: bitsandbytes ops if config.compile else None
+            # graph breaks are allowed: bitsandbytes' quantized matmuls are not traceable
+            torch.compile(self._model.forward, mode="reduce-overhead") if config.compile else None
         )
 
     @property
