@@ -129,12 +129,7 @@ class RealtimeSession:
     # --- events ------------------------------------------------------------------------------------------------------
 
     async def _event(self, text: str) -> None:
-        try:
-            event = json.loads(text)
-        except ValueError:
-            raise ConfigError('the message is not JSON; send events like {"type": "response.create"}') from None
-        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-            raise ConfigError("every event needs a string 'type'")
+        event = parse_event(text)
         kind = event["type"]
         if kind == "input_audio_buffer.append":
             audio = event.get("audio")
@@ -312,6 +307,17 @@ class RealtimeSession:
 
     async def _error(self, exc: AssistantError) -> None:
         await self._send({"type": "error", "error": {"code": exc.code, "message": exc.message}})
+
+
+def parse_event(text: str) -> dict[str, Any]:
+    """A client message as an event: a JSON object with a string ``type`` (ConfigError otherwise)."""
+    try:
+        event = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ConfigError('the message is not JSON; send events like {"type": "response.create"}') from None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise ConfigError("every event needs a string 'type'")
+    return event
 
 
 def _pcm16(data: bytes) -> np.ndarray:
