@@ -1,0 +1,116 @@
+"""Load tier: many concurrent WebSocket sessions plus HTTP transcriptions against a real `assistant serve`.
+
+Every session speaks its own question and must get back its own transcript (no crossing), every turn must end
+(answered, or refused as busy: never lost), and the server's memory must stay flat after warm-up. CI runs a reduced
+size; LOAD_SESSIONS / LOAD_SECONDS scale it up (the issue's full size: LOAD_SESSIONS=32 LOAD_SECONDS=120).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_offline_models, speak
+from tests.test_server import start_server, ws_url
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+websockets = pytest.importorskip("websockets")
+openai = pytest.importorskip("openai")
+
+SESSIONS = int(os.environ.get("LOAD_SESSIONS", "6"))
+SECONDS = float(os.environ.get("LOAD_SECONDS", "25"))
+QUESTIONS = {"france": "What is the capital of France?", "rainbow": "Name three colors of the rainbow.",
+             "spider": "How many legs does a spider have?"}  # fmt: skip
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pcm(path: Path) -> bytes:
+    return subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(path), "-af", "apad=pad_dur=1.2", "-ar", "16000",
+                           "-ac", "1", "-f", "s16le", "-"], capture_output=True, check=True).stdout  # fmt: skip
+
+
+async def spoken_session(url: str, marker: str, audio: bytes, deadline: float, outcome: dict[str, int]) -> None:
+    async with websockets.connect(url, max_size=None) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "session.update", "session": {"instructions": f"marker {marker}"}}))
+        while True:
+            event = json.loads(await ws.recv())
+            if event["type"] == "session.updated":
+                assert event["session"]["instructions"] == f"marker {marker}"  # our own session, nobody else's
+                break
+        while time.monotonic() < deadline:
+            for offset in range(0, len(audio), 32000):
+                await ws.send(audio[offset : offset + 32000])
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            async with asyncio.timeout(180):
+                while True:
+                    event = json.loads(await ws.recv())
+                    if event["type"].endswith("transcription.completed"):
+                        assert marker in event["transcript"].lower(), (marker, event["transcript"])
+                    elif event["type"] == "error":
+                        assert event["error"]["code"] == "busy", event
+                        outcome["busy"] += 1
+                        break
+                    elif event["type"] == "response.done":
+                        outcome["answered"] += 1
+                        break
+
+
+def test_concurrent_sessions_keep_their_own_turns_and_memory_stays_flat(tmp_path: Path) -> None:
+    require_offline_models("smollm2-135m", "whisper-base")
+    audio = {key: pcm(speak(text, tmp_path / f"{key}.wav", words_per_minute=120)) for key, text in QUESTIONS.items()}
+    process, base = start_server("--set", "server.max_pending=64", "--set", "server.max_sessions=64")
+    try:
+        url = ws_url(base)
+        warm = {"answered": 0, "busy": 0}
+        asyncio.run(spoken_session(url, "france", audio["france"], time.monotonic() + 1, warm))
+        after_warm_up = rss_mb(process.pid)
+        outcome = {"answered": 0, "busy": 0}
+        deadline = time.monotonic() + SECONDS
+        keys = list(QUESTIONS)
+
+        async def everyone() -> list[object]:
+            loop = asyncio.get_running_loop()
+            http = loop.run_in_executor(None, transcribe_repeatedly, base, tmp_path / "spider.wav", deadline)
+            sessions = [spoken_session(url, keys[i % len(keys)], audio[keys[i % len(keys)]], deadline, outcome)
+                        for i in range(SESSIONS)]  # fmt: skip
+            return await asyncio.gather(http, *sessions, return_exceptions=True)
+
+        results = asyncio.run(everyone())
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert not failures, failures[:3]
+        assert outcome["answered"] >= SESSIONS and results[0] >= 1
+        growth = rss_mb(process.pid) - after_warm_up
+        assert growth < 300, f"server memory grew {growth:.0f} MB under load"
+        print(f"\nload: {SESSIONS} sessions, {SECONDS:.0f} s: {outcome['answered']} turns answered, "
+              f"{outcome['busy']} busy, {results[0]} HTTP transcriptions, RSS growth {growth:.0f} MB")  # fmt: skip
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def transcribe_repeatedly(base: str, wav: Path, deadline: float) -> int:
+    api = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=180)
+    done = 0
+    while time.monotonic() < deadline:
+        with wav.open("rb") as audio:
+            try:
+                text = api.audio.transcriptions.create(model="whisper-1", file=audio).text
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 503  # busy is the only acceptable refusal
+                continue
+        assert "spider" in text.lower()
+        done += 1
+    return done
