@@ -29,6 +29,13 @@ class ChatSession:
         persona = load_persona(config.persona) if config.persona else None
         return cls(model, Conversation(config.system, persona=persona), config.sampling)
 
+    def resume(self, conversation: Conversation) -> None:
+        """Continue a loaded conversation: it keeps this session's persona, and its system prompt when it has none."""
+        conversation.persona = self.conversation.persona
+        if not conversation.system:
+            conversation.system = self.conversation.system
+        self.conversation = conversation
+
     def send(self, text: str, *, cancel: threading.Event | None = None) -> Reply:
         """Add a user turn and stream the reply to it."""
         if not text.strip():

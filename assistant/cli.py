@@ -14,6 +14,7 @@ from pathlib import Path
 
 from assistant.config import Config, load_config, to_dict
 from assistant.errors import AsrError, AssistantError, ConfigError, OutputError
+from assistant.files import atomic_write_text
 from assistant.pipeline import FileResult, TranscriptionPipeline
 
 MEDIA_SUFFIXES = frozenset(
@@ -157,11 +158,10 @@ def _chat(args: argparse.Namespace) -> int:
     from assistant.conversation import Conversation
     from assistant.io.console import ConsoleOptions, run_console
 
+    resumed = Conversation.load(config.chat.load) if config.chat.load else None  # a bad file fails before the load
     session = ChatSession.from_config(registry.create("llm", config.llm.backend, config.llm), config.llm)
-    if config.chat.load:
-        loaded = Conversation.load(config.chat.load, persona=session.conversation.persona)
-        loaded.system = loaded.system or session.conversation.system
-        session.conversation = loaded
+    if resumed is not None:
+        session.resume(resumed)
     interactive = sys.stdin.isatty()
     failures = 0
     if _input_source(config, args.audio, interactive) != "text":
@@ -311,7 +311,7 @@ class OutputNamer:
         written = []
         for fmt in self._config.transcribe.formats:
             target = directory / f"{stem}.{fmt}"
-            _atomic_write(target, WRITERS[fmt](result.transcript, meta))
+            atomic_write_text(target, WRITERS[fmt](result.transcript, meta), what="output", error=OutputError)
             written.append(target)
         return written
 
@@ -322,18 +322,6 @@ class OutputNamer:
             candidate = f"{stem}-{number}"
         self._taken.update(directory / f"{candidate}.{fmt}" for fmt in self._config.transcribe.formats)
         return candidate
-
-
-def _atomic_write(target: Path, text: str) -> None:
-    partial = target.with_name(f".{target.name}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, target)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise OutputError(
-            f"cannot write '{target}': {exc.strerror}; check the directory's permissions and free space"
-        ) from None
 
 
 def _models(args: argparse.Namespace) -> int:

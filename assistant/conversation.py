@@ -7,8 +7,6 @@ window can be tested with a fake counter and used with any backend.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 import yaml
 
 from assistant.errors import ConversationError, PromptTooLongError
+from assistant.files import atomic_write_text
 from assistant.messages import ROLES, Message
 
 FILE_FORMAT = "assistant-conversation"
@@ -178,7 +177,7 @@ class Conversation:
         """Write the conversation atomically: a crash mid-save leaves the previous file whole."""
         target = Path(path).expanduser()
         text = json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n"
-        atomic_write_text(target, text, what="conversation")
+        atomic_write_text(target, text, what="conversation", error=ConversationError)
         return target
 
     @classmethod
@@ -221,24 +220,3 @@ def _message_from_json(item: Any, where: str, index: int) -> Message:
             f"'{where}': message {index} must be {{'role': system|user|assistant, 'content': text}}, got {item!r:.80}"
         )
     return Message(item["role"], item["content"], cut=item.get("cut", False))
-
-
-def atomic_write_text(target: Path, text: str, *, what: str) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over the target."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    except OSError as exc:
-        raise ConversationError(f"cannot save {what} to '{target}': {exc.strerror}; choose a writable path") from None
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
-    except OSError as exc:
-        Path(temporary).unlink(missing_ok=True)
-        raise ConversationError(
-            f"cannot save {what} to '{target}': {exc.strerror}; the previous file is unchanged; free some space or "
-            "choose another path"
-        ) from None

@@ -55,6 +55,7 @@ class PushToTalk:
         self._max_samples = int(max_utterance_s * SAMPLE_RATE)
         self._clock = clock
         self._buffer: list[np.ndarray] = []
+        self._buffered = 0  # samples in the buffer
         self._heard = 0  # samples seen so far
         self._start = 0  # sample where the current recording began
         self._was_recording = False
@@ -72,7 +73,8 @@ class PushToTalk:
                 self._start = self._heard
                 yield SpeechStarted(self._start / SAMPLE_RATE)
             self._buffer.append(samples)
-            if sum(len(b) for b in self._buffer) >= self._max_samples:
+            self._buffered += len(samples)
+            if self._buffered >= self._max_samples:
                 self.recording.clear()
                 yield from self.flush()
         elif self._was_recording:
@@ -83,7 +85,7 @@ class PushToTalk:
         self._was_recording = False
         if self._buffer:
             samples = np.concatenate(self._buffer)
-            self._buffer = []
+            self._buffer, self._buffered = [], 0
             yield Utterance(Audio(samples, SAMPLE_RATE, self._start / SAMPLE_RATE), self._clock())
 
 

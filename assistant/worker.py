@@ -45,17 +45,13 @@ class ModelWorker:
 
     async def batch(self, key: Hashable, item: Any, run_many: Callable[[list[Any]], list[Any]], *, limit: int) -> Any:
         """Run ``run_many([item, ...])`` for this item, together with up to ``limit`` queued items of ``key``."""
-        future: Future[Any] = Future()
-        try:
-            self._jobs.put_nowait((_Batchable(key, item, run_many, limit), future))
-        except queue.Full:
-            raise BusyError(
-                f"the server is busy ({self._jobs.maxsize} requests are waiting for the model); try again shortly"
-            ) from None
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self._enqueue(_Batchable(key, item, run_many, limit)))
 
     def submit(self, job: Callable[[], T]) -> Future[T]:
-        future: Future[T] = Future()
+        return self._enqueue(job)
+
+    def _enqueue(self, job: Callable[[], Any] | _Batchable) -> Future[Any]:
+        future: Future[Any] = Future()
         try:
             self._jobs.put_nowait((job, future))
         except queue.Full:

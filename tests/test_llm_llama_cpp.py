@@ -38,20 +38,21 @@ def llama(model: str, **changes: object) -> LlamaCppChatModel:
     return LlamaCppChatModel(dataclasses.replace(LlmConfig(model=model, context_tokens=2048), **changes))
 
 
-@pytest.fixture(scope="module")
-def smol() -> Iterator[LlamaCppChatModel]:
-    bundle("smollm2-135m")
-    model = llama("smollm2-135m")
+def opened(name: str) -> Iterator[LlamaCppChatModel]:
+    bundle(name)
+    model = llama(name)
     yield model
     model.close()
+
+
+@pytest.fixture(scope="module")
+def smol() -> Iterator[LlamaCppChatModel]:
+    yield from opened("smollm2-135m")
 
 
 @pytest.fixture(scope="module")
 def qwen() -> Iterator[LlamaCppChatModel]:
-    bundle("qwen2.5-0.5b")
-    model = llama("qwen2.5-0.5b")
-    yield model
-    model.close()
+    yield from opened("qwen2.5-0.5b")
 
 
 def test_smollm_answers_and_reuses_the_history_cache(smol: LlamaCppChatModel) -> None:

@@ -41,7 +41,7 @@ class AudioInfo:
     channels: int
 
 
-def _tool(name: str) -> str:
+def tool_path(name: str) -> str:
     from pydub.utils import get_encoder_name, get_prober_name
 
     with warnings.catch_warnings():  # pydub warns when it finds neither; we raise a clearer error below
@@ -59,7 +59,7 @@ def probe(path: str | Path) -> AudioInfo:
     _check_file(path)
     try:
         result = subprocess.run(
-            [_tool("ffprobe"), "-v", "error", "-of", "json", "-show_format", "-show_streams", str(path)],
+            [tool_path("ffprobe"), "-v", "error", "-of", "json", "-show_format", "-show_streams", str(path)],
             capture_output=True,
             timeout=60,
             check=False,
@@ -102,7 +102,7 @@ def stream_audio(path: str | Path, *, piece_s: float = 30.0, sample_rate: int = 
     path = Path(path)
     _check_file(path)
     command = [
-        _tool("ffmpeg"), "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0",
+        tool_path("ffmpeg"), "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0",
         "-i", str(path), "-map", "0:a:0", "-vn", "-sn", "-dn",
         "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-",
     ]  # fmt: skip

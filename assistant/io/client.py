@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from assistant.errors import AudioDecodeError, AudioSourceError
-from assistant.io.audio_file import _tool
+from assistant.io.audio_file import tool_path
 
 CHUNK_BYTES = 3200  # 100 ms of PCM16 at 16 kHz
 IDLE_S = 3.0  # after the input ends: leave once every turn is answered and the server has been quiet this long
@@ -73,7 +73,7 @@ class RealtimeClient:
 
     async def audio_files(self, paths: Sequence[str]) -> None:
         for path in paths:
-            command = [_tool("ffmpeg"), "-nostdin", "-loglevel", "error", "-i", path, "-af", "apad=pad_dur=1",
+            command = [tool_path("ffmpeg"), "-nostdin", "-loglevel", "error", "-i", path, "-af", "apad=pad_dur=1",
                        "-ac", "1", "-ar", "16000", "-f", "s16le", "-"]  # fmt: skip
             result = subprocess.run(command, capture_output=True)
             if result.returncode != 0:

@@ -139,12 +139,8 @@ class ConsoleChat:
     def _load(self, argument: str) -> None:
         if not argument:
             raise CommandError("/load needs a file: /load conversation.json")
-        current = self._session.conversation
-        loaded = Conversation.load(Path(argument), persona=current.persona)
-        if loaded.system is None:
-            loaded.system = current.system
-        self._session.conversation = loaded
-        self._notice(f"loaded {len(loaded.turns)} messages from {argument}")
+        self._session.resume(Conversation.load(Path(argument)))
+        self._notice(f"loaded {len(self._session.conversation.turns)} messages from {argument}")
 
     def _system(self, argument: str) -> None:
         if argument:

@@ -168,7 +168,7 @@ class RealtimeSession:
         if "instructions" in session:
             self._chat.conversation.system = str(session["instructions"]) or None
         if "language" in session:
-            self._language = session["language"] or None
+            self._language = self._checked_language(session["language"])
         if "turn_detection" in session:
             self._server_vad = session["turn_detection"] is not None
         sampling = {k: session[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
@@ -179,6 +179,17 @@ class RealtimeSession:
             values = dataclasses.asdict(self._chat.sampling) | sampling
             self._chat.sampling = build(type(self._chat.sampling), values, "session")
         await self._send({"type": "session.updated", "session": self._describe()})
+
+    def _checked_language(self, language: Any) -> str | None:
+        from assistant.asr.base import language_error
+        from assistant.pipeline import normalize_language
+
+        if language is not None and not isinstance(language, str):
+            raise ConfigError("session.update: 'language' must be a language code such as 'zh' or 'en', or null")
+        code = normalize_language(language)
+        if code and not self._services.transcription.transcriber.supports_language(code):
+            raise ConfigError(f"session.update: {language_error(code, self._config.asr.model)}")
+        return code
 
     def _describe(self) -> dict[str, Any]:
         return {

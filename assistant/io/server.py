@@ -58,14 +58,17 @@ class Services:
         check_exposure(config)
         chat_model = registry.create("llm", config.llm.backend, config.llm)
         transcription = TranscriptionPipeline.from_config(config)
-        api_key = config.server.api_key or os.environ.get("ASSISTANT_API_KEY") or None
-        return cls(config, chat_model, transcription, ModelWorker(config.server.max_pending), api_key)
+        return cls(config, chat_model, transcription, ModelWorker(config.server.max_pending), api_key_of(config))
+
+
+def api_key_of(config: Config) -> str | None:
+    """The key clients must present: ``server.api_key``, else the ASSISTANT_API_KEY environment variable."""
+    return config.server.api_key or os.environ.get("ASSISTANT_API_KEY") or None
 
 
 def check_exposure(config: Config) -> None:
     """Binding beyond loopback without an API key would hand the models to the whole network."""
-    key = config.server.api_key or os.environ.get("ASSISTANT_API_KEY")
-    if not _is_loopback(config.server.host) and not key:
+    if not _is_loopback(config.server.host) and api_key_of(config) is None:
         raise ConfigError(
             f"server.host {config.server.host!r} is reachable from other machines: set server.api_key (or "
             "ASSISTANT_API_KEY) so that only your clients can use it, or bind 127.0.0.1"

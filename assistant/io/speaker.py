@@ -13,6 +13,7 @@ import queue
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,9 @@ class SpeakerSink:
                 samples, rate = self._synthesize(sentence)
                 self._output(samples, rate)
             except Exception as exc:  # speech is a convenience: a failure is reported, the chat goes on
-                self.errors.append(f"tts: cannot speak {sentence[:40]!r}: {exc}")
+                message = f"tts: cannot speak {sentence[:40]!r}: {exc}"
+                self.errors.append(message)
+                print(message, file=sys.stderr, flush=True)
             finally:
                 self._sentences.task_done()
 

@@ -7,6 +7,7 @@ GGUF's own ``tokenizer.chat_template`` through the same Jinja settings as transf
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Iterator
@@ -120,7 +121,7 @@ class LlamaCppChatModel(TokenChatModel):
             return None
         import numpy as np
 
-        ends = [token for token in range(self._llm.n_vocab()) if self.is_end(token)]
+        ends = self._end_tokens
 
         def suppress(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
             if len(input_ids) - prompt_length < min_new_tokens:
@@ -128,6 +129,11 @@ class LlamaCppChatModel(TokenChatModel):
             return scores
 
         return self._llama_cpp.LogitsProcessorList([suppress])
+
+    @functools.cached_property
+    def _end_tokens(self) -> list[int]:
+        """Every end-of-generation id in the vocabulary (a scan of the whole vocabulary: done once)."""
+        return [token for token in range(self._llm.n_vocab()) if self.is_end(token)]
 
     def close(self) -> None:
         self._llm.close()
