@@ -221,7 +221,8 @@ def test_websocket_bad_messages_get_error_events_and_the_session_goes_on(server:
                               (b"\x01\x02\x03", "config"), (b"\x00" * (2 << 20), "limit"),
                               (json.dumps({"type": "response.create"}), "config"),
                               (json.dumps({"type": "session.update", "session": {"language": 5}}), "config"),
-                              (json.dumps({"type": "session.update", "session": {"language": "xx"}}), "config")]:  # fmt: skip
+                              (json.dumps({"type": "session.update", "session": {"language": "xx"}}),
+                               "config")]:  # fmt: skip
                 await ws.send(bad)
                 event = json.loads(await ws.recv())
                 assert event["type"] == "error" and event["error"]["code"] == code, (bad[:20], event)
