@@ -132,7 +132,8 @@ class LlmConfig:
     context_tokens: int = 4096  # prompt + reply must fit; older turns are dropped to make room
     device: str = "auto"  # hf: auto | cpu | cuda | cuda:N (auto spreads over all GPUs)
     dtype: str = "auto"  # hf: auto | float32 | float16 | bfloat16
-    quantize: Quantize = "none"  # hf: bitsandbytes 8bit | 4bit
+    quantize: Quantize = "none"  # hf: 8bit | 4bit weights
+    quant_method: Literal["bitsandbytes", "torchao"] = "bitsandbytes"  # hf: torchao = int4 tinygemm (CUDA), int8
     quant_type: Literal["nf4", "fp4"] = "nf4"  # hf 4bit
     double_quant: bool = True  # hf 4bit: quantize the quantization constants too
     compute_dtype: str = "auto"  # hf 4bit matmul dtype: auto | float32 | float16 | bfloat16

@@ -10,8 +10,9 @@ ASR (Whisper large-v3 shape): x real time of 30 s windows decoded by the product
 whole windows, SDPA / Flash-Attention 2, fp16) per batch size, with ``asr.batch_size: 0`` (auto from free VRAM)
 among them, beside the plain-script path (the pipeline's defaults: one window at a time, float32).
 LLM (Llama-7B with Atom's 65000 vocab; Gemma 2B): time to first token (512-token prompt) and decode tok/s at
-batch 1 through the product's hf backend for fp16 / 8-bit / 4-bit and the compiled static-cache path, beside the
-plain script (``model.generate`` on a bitsandbytes 4-bit model), with peak VRAM, and the memory-bandwidth bound
+batch 1 through the product's hf backend for fp16 / 8-bit / 4-bit (bitsandbytes; torchao int8 and, on CUDA, int4
+tinygemm) eager and compiled over a static cache, beside the plain script (``model.generate`` on a bitsandbytes
+4-bit model) and as a ratio to it, with peak VRAM, and the memory-bandwidth bound
 (weight bytes per token / bandwidth: the H100's HBM3 3.35 TB/s, or on CPU a copy measured in this run).
 """
 
@@ -47,6 +48,11 @@ H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3 (SXM)
 WINDOW_S = 30.0
 WINDOW_TOKENS = 128  # forced decode length per 30 s window (about a window of fast speech)
 PROMPT_TOKENS, DECODE_TOKENS = 512, 128
+# (weights, quantization library, compiled static-cache decode): the product's paths measured per model; torchao
+# int4 (tinygemm) exists on CUDA only
+VARIANTS = [("fp16", "none", False), ("fp16", "none", True), ("8bit", "bitsandbytes", False),
+            ("4bit", "bitsandbytes", False), ("4bit", "bitsandbytes", True), ("8bit", "torchao", True),
+            ("4bit", "torchao", True)]  # fmt: skip
 
 
 def peak_gb(torch: Any, cuda: bool) -> str:
@@ -126,11 +132,21 @@ def llm_rows(torch: Any, cuda: bool, small: bool, names: list[str], quants: list
         shape = SMALL_LLM if small else shape
         with tempfile.TemporaryDirectory() as folder:
             path = save_random_llm(torch, family, shape, Path(folder))
-            for quant in quants:
-                for compiled in (False, True) if quant == "fp16" else (False,):
-                    rows.append(ours(torch, cuda, name, path, quant, compiled, bandwidth))
-            rows.append(plain_generate(torch, cuda, name, path, bandwidth))
+            plain = plain_generate(torch, cuda, name, path, bandwidth)
+            model_rows = [
+                ours(torch, cuda, name, path, quant, method, compiled, bandwidth)
+                for quant, method, compiled in VARIANTS
+                if quant in quants and (cuda or (quant, method) != ("4bit", "torchao")) and _installed(method)
+            ]
+        for row in [*model_rows, plain]:  # each path's decode speed against the plain script's, same run
+            rows.append([*row[:4], f"{float(row[3]) / float(plain[3]):.2f}x", *row[4:]])
     return rows
+
+
+def _installed(method: str) -> bool:
+    import importlib.util
+
+    return method == "none" or importlib.util.find_spec(method) is not None
 
 
 def save_random_llm(torch: Any, family: str, shape: dict[str, int], folder: Path) -> Path:
@@ -156,15 +172,18 @@ def weight_bytes(model: Any) -> int:
     )
 
 
-def ours(torch: Any, cuda: bool, name: str, path: Path, quant: str, compiled: bool, bandwidth: float) -> list[str]:
+def ours(torch: Any, cuda: bool, name: str, path: Path, quant: str, method: str, compiled: bool,
+         bandwidth: float) -> list[str]:  # fmt: skip
     from assistant.config import LlmConfig, SamplingConfig
     from assistant.llm.hf import HFChatModel
 
     reset_peak(torch, cuda)
     dtype = "float16" if cuda else "float32"
+    torchao_int4 = (quant, method) == ("4bit", "torchao")
     config = LlmConfig(backend="hf", model=str(path), template="chatml", quantize="none" if quant == "fp16" else quant,
-                       dtype=dtype, compute_dtype=dtype if cuda else "auto", compile=compiled,
-                       context_tokens=PROMPT_TOKENS + DECODE_TOKENS + 8)  # fmt: skip
+                       quant_method="torchao" if method == "torchao" else "bitsandbytes",
+                       dtype="auto" if torchao_int4 else dtype, compute_dtype=dtype if cuda else "auto",
+                       compile=compiled, context_tokens=PROMPT_TOKENS + DECODE_TOKENS + 8)  # fmt: skip
     model = HFChatModel(config)
     params = SamplingConfig(temperature=0, repetition_penalty=1.0, max_new_tokens=DECODE_TOKENS,
                             min_new_tokens=DECODE_TOKENS)  # fmt: skip
@@ -176,7 +195,7 @@ def ours(torch: Any, cuda: bool, name: str, path: Path, quant: str, compiled: bo
         warm.close()
         model._cache, model._cache_ids = None, []
     first, started = _timed_tokens(torch, cuda, model.sample(prompt, params))
-    precision = dtype if quant == "fp16" else quant
+    precision = dtype if quant == "fp16" else f"{quant} {method}"
     label = f"assistant hf {precision}{' compiled' if compiled else ''}"
     return _llm_row(name, label, first, started, weight_bytes(model._model), bandwidth, torch, cuda)
 
@@ -202,8 +221,9 @@ def plain_generate(torch: Any, cuda: bool, name: str, path: Path, bandwidth: flo
     reset_peak(torch, cuda)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_compute_dtype=torch.float16 if cuda else torch.float32)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
-                                                 device_map="cuda" if cuda else "cpu")  # fmt: skip
+    # the unquantized parts (embeddings, lm_head) in the same dtype as ours, so the ratio compares code paths
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cuda" if cuda else "cpu",
+                                                 dtype=torch.float16 if cuda else torch.float32)  # fmt: skip
     inputs = torch.tensor([[int(i) % 250 for i in range(PROMPT_TOKENS)]], device=model.device)
     with torch.inference_mode():
         started = time.perf_counter()
@@ -266,10 +286,10 @@ def main() -> int:
         for row in asr:
             print("| " + " | ".join(row) + " |")
     print(
-        f"\n| LLM | path | TTFT ({PROMPT_TOKENS}-token prompt) | decode tok/s | bandwidth bound tok/s | "
-        "of bound | weights GB | peak VRAM GB |"
+        f"\n| LLM | path | TTFT ({PROMPT_TOKENS}-token prompt) | decode tok/s | vs plain script | "
+        "bandwidth bound tok/s | of bound | weights GB | peak VRAM GB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in llm:
         print("| " + " | ".join(row) + " |")
     return 0

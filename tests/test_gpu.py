@@ -35,16 +35,22 @@ def test_whisper_hf_picks_a_batch_from_vram_on_cuda(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quantize", ["none", "4bit"])
-def test_compiled_decode_on_cuda_matches_eager(tiny_chat_model: Path, quantize: str) -> None:
+@pytest.mark.parametrize(
+    ("quantize", "method"), [("none", "bitsandbytes"), ("4bit", "bitsandbytes"), ("4bit", "torchao")]
+)
+def test_compiled_decode_on_cuda_matches_eager(tmp_path: Path, quantize: str, method: str) -> None:
     import dataclasses
 
     from assistant.config import LlmConfig, SamplingConfig
     from assistant.llm.hf import HFChatModel
+    from tests.conftest import build_tiny_chat_model
 
+    if quantize != "none":
+        pytest.importorskip(method)
+    model_dir = build_tiny_chat_model(tmp_path / "model", hidden_size=256)
     params = SamplingConfig(temperature=0, max_new_tokens=16, min_new_tokens=16, repetition_penalty=1.0)
-    base = LlmConfig(backend="hf", model=str(tiny_chat_model), device="cuda", quantize=quantize, sampling=params,
-                     context_tokens=256, system=None)  # fmt: skip
+    base = LlmConfig(backend="hf", model=str(model_dir), device="cuda", quantize=quantize, quant_method=method,
+                     sampling=params, context_tokens=256, system=None)  # fmt: skip
     messages = [Message("user", "你好")]
     eager = "".join(HFChatModel(base).stream(messages, params))
     fast = HFChatModel(dataclasses.replace(base, compile=True))

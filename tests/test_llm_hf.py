@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from assistant.config import LlmConfig, SamplingConfig
-from assistant.errors import ModelLoadError, ModelNotFoundError, TemplateError
+from assistant.errors import ConfigError, ModelLoadError, ModelNotFoundError, TemplateError
 from assistant.llm.base import REPLACEMENT
 from assistant.messages import Message
 
@@ -178,3 +178,23 @@ def test_static_and_compiled_decode_give_the_same_tokens(tiny_chat_model: Path, 
     assert "".join(reply) == "".join(eager.stream(follow_up, GREEDY)) and reply.stats.cached_tokens > 0
     retry = fast.stream(CONVERSATION, GREEDY)  # a shorter prompt than the cache holds: stale slots are masked
     assert "".join(retry) == first
+
+
+def test_torchao_int8_streams_and_compiles_to_the_same_tokens(tiny_chat_model: Path) -> None:
+    pytest.importorskip("torchao")
+    eager = load(tiny_chat_model, quantize="8bit", quant_method="torchao")
+    assert "8bit torchao" in eager.description
+    assert type(eager._model.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"  # really quantized
+    compiled = load(
+        tiny_chat_model, quantize="8bit", quant_method="torchao", compile=True, context_tokens=256, sampling=GREEDY
+    )
+    reply = compiled.stream(CONVERSATION, GREEDY)
+    assert "".join(reply) == "".join(eager.stream(CONVERSATION, GREEDY)) and reply.stats.completion_tokens == 24
+
+
+def test_torchao_int4_is_refused_clearly_without_cuda(tiny_chat_model: Path) -> None:
+    pytest.importorskip("torchao")
+    with pytest.raises(ConfigError, match="torchao with quantize 4bit needs a CUDA GPU"):
+        load(tiny_chat_model, quantize="4bit", quant_method="torchao", device="cpu")
+    with pytest.raises(ConfigError, match="torchao int4 computes in bfloat16 only"):
+        load(tiny_chat_model, quantize="4bit", quant_method="torchao", dtype="float16")

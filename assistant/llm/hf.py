@@ -1,5 +1,7 @@
 """Chat backend on transformers: fp16/bf16 on GPUs (spread over all of them with ``device: auto``), float32 on CPU,
-bitsandbytes 8-bit / 4-bit (nf4, double quant), LoRA adapters through peft.
+8-bit / 4-bit weights through bitsandbytes (the portable default: nf4, double quant) or torchao (``llm.quant_method:
+torchao``: int4 weight-only on the tinygemm CUDA kernel, which torch.compile fuses; int8 weight-only anywhere), LoRA
+adapters through peft.
 
 The decode loop is our own rather than ``generate()``: it keeps the KV cache of the previous prompt and, on the next
 turn, feeds only the tokens after the longest common prefix (the history is not encoded again every turn); it stops
@@ -35,7 +37,7 @@ class HFChatModel(TokenChatModel):
         if config.threads:
             torch.set_num_threads(config.threads)
         self._device = pick_device(config.device, "llm")
-        self._dtype = pick_dtype(config.dtype, self._device, "llm")
+        self._dtype = _model_dtype(config, self._device)
         location = resolve_model(config.model, sha256=config.sha256)
         self._tokenizer, self._model = self._load(location)
         self._model.eval()
@@ -61,6 +63,8 @@ class HFChatModel(TokenChatModel):
     @property
     def description(self) -> str:
         quantized = f" {self._config.quantize}" if self._config.quantize != "none" else ""
+        if quantized and self._config.quant_method != "bitsandbytes":
+            quantized += f" {self._config.quant_method}"
         dtype = str(self._dtype).removeprefix("torch.")
         cache = " compiled" if self._config.compile else (" static-cache" if self._static else "")
         return f"hf {self._config.model}{quantized} {dtype} {self._device}{cache} template={self.template.name}"
@@ -103,10 +107,11 @@ class HFChatModel(TokenChatModel):
         return tokenizer, model
 
     def _placement(self) -> dict[str, Any]:
-        """Where the weights go: bitsandbytes quantization and multi-GPU spreading are both chosen here."""
+        """Where the weights go: quantization and multi-GPU spreading are both chosen here."""
         options: dict[str, Any] = {}
         if self._config.quantize != "none":
-            options["quantization_config"] = _bnb_config(self._config, self._device)
+            quantization = _torchao_config if self._config.quant_method == "torchao" else _bnb_config
+            options["quantization_config"] = quantization(self._config, self._device)
         if self._device == "cuda":
             options["device_map"] = "auto"  # spread over every visible GPU when one is not enough
         elif self._config.quantize != "none":
@@ -217,6 +222,40 @@ def _source(location: ModelLocation) -> tuple[str, dict[str, Any]]:
     if location.format != "hf":
         raise ConfigError(f"llm.model '{location.ref}' is a {location.format} model, not a chat model")
     return str(location.path), {}
+
+
+def _model_dtype(config: LlmConfig, device: str) -> Any:
+    """The weights' dtype; torchao's int4 kernel (tinygemm) takes bfloat16 activations only."""
+    import torch
+
+    if config.quantize == "4bit" and config.quant_method == "torchao":
+        if config.dtype not in ("auto", "bfloat16"):
+            raise ConfigError(
+                f"llm.dtype {config.dtype}: torchao int4 computes in bfloat16 only; set llm.dtype: auto or bfloat16"
+            )
+        return torch.bfloat16
+    return pick_dtype(config.dtype, device, "llm")
+
+
+def _torchao_config(config: LlmConfig, device: str) -> Any:
+    """torchao weight-only quantization: int4 groups of 128 packed for tinygemm (CUDA), or int8 per row."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"llm.quant_method torchao needs torchao, which cannot be imported here ({exc}); install it with "
+            "'pip install torchao' (the build matching your torch), or set llm.quant_method: bitsandbytes"
+        ) from None
+    from transformers import TorchAoConfig
+
+    if config.quantize == "8bit":
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if not device.startswith("cuda"):
+        raise ConfigError(
+            "llm.quant_method torchao with quantize 4bit needs a CUDA GPU (its int4 kernel is CUDA only); on this "
+            "device use quantize 8bit, or quant_method bitsandbytes"
+        )
+    return TorchAoConfig(Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
 
 
 def _bnb_config(config: LlmConfig, device: str) -> Any:
