@@ -42,3 +42,17 @@ def pick_attention(attention: str, device: str) -> str:
             return "sdpa"
         return "flash_attention_2"
     return "sdpa"
+
+
+def quiet_model_libraries() -> None:
+    """Keep transformers' progress bars and notices, and what libraries it imports print on import, out of our
+    output; their errors still show. Call before importing transformers models: transformers imports torchao when
+    it is installed, and torchao logs each CUDA-only extension a CPU build of torch cannot load."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own progress bar reports; theirs would interleave
+    transformers_logging.set_verbosity_error()  # generate() warns about options its own Whisper code passes
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -14,7 +14,7 @@ from typing import Any
 
 from assistant.asr.base import language_error
 from assistant.config import AsrConfig, Task
-from assistant.devices import pick_attention, pick_device, pick_dtype
+from assistant.devices import pick_attention, pick_device, pick_dtype, quiet_model_libraries
 from assistant.errors import AsrError, ConfigError, ModelLoadError
 from assistant.messages import SAMPLE_RATE, Audio, Segment, Transcript
 from assistant.models import ModelLocation, cache_dir, hub_unreachable, resolve_model
@@ -28,11 +28,10 @@ _TOKEN_COMPRESSION_PER_TEXT_COMPRESSION = 1.35 / 2.4
 class WhisperHFTranscriber:
     def __init__(self, config: AsrConfig) -> None:
         import torch
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
-        from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()  # our own progress bar reports; theirs would interleave
-        transformers_logging.set_verbosity_error()  # generate() warns about options its own Whisper code passes
+        quiet_model_libraries()
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
         self._config = config
         self._device = pick_device(config.device, "asr")
         self._dtype = pick_dtype(config.dtype, self._device, "asr")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant.config import LlmConfig, SamplingConfig
-from assistant.devices import pick_attention, pick_device, pick_dtype
+from assistant.devices import pick_attention, pick_device, pick_dtype, quiet_model_libraries
 from assistant.errors import ConfigError, ModelLoadError
 from assistant.llm.base import TokenChatModel
 from assistant.llm.templates import JinjaTemplate, choose_template
@@ -27,10 +27,8 @@ from assistant.models import ModelLocation, gguf_file, hub_unreachable, resolve_
 class HFChatModel(TokenChatModel):
     def __init__(self, config: LlmConfig) -> None:
         import torch
-        from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
+        quiet_model_libraries()
         self._config = config
         self._torch = torch
         self.context_tokens = config.context_tokens
