@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 from assistant.config import LlmConfig, SamplingConfig
 from assistant.conversation import Conversation, load_persona
-from assistant.errors import AssistantError, ConversationError, LlmError
-from assistant.llm.base import ChatModel, Reply
+from assistant.errors import ConversationError
+from assistant.llm.base import ChatModel, Reply, generation_failed
 
 
 class ChatSession:
@@ -81,14 +81,13 @@ class ChatSession:
         try:
             yield from inner
             finished = True
-        except AssistantError:
-            inner.close()
-            undo()
-            raise
         except Exception as exc:
             inner.close()
             undo()
-            raise LlmError(f"generation failed: {type(exc).__name__}: {exc}") from exc
+            failure = generation_failed(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
         except BaseException:  # Ctrl-C or the consumer closing the stream: keep what was said, marked cut
             inner.close()
             self.conversation.add_reply(inner.text, cut=True)

@@ -225,17 +225,27 @@ class ServerConfig:
     host: str = "127.0.0.1"  # any other address requires api_key
     port: int = 8765
     api_key: str | None = None  # Bearer token; default: the ASSISTANT_API_KEY environment variable
+    api_keys: tuple[str, ...] = ()  # more keys, one per client: sessions are counted per key
     max_sessions: int = 16  # open WebSocket sessions
+    max_sessions_per_key: int = 4  # open WebSocket sessions one key may hold (when keys are set)
     max_pending: int = 8  # model jobs waiting for the worker; more is a "busy" error
+    max_requests: int = 32  # HTTP requests in progress at once; more is a "busy" error
     max_upload_mb: float = 50.0  # HTTP body / uploaded file
     max_turn_audio_s: float = 60.0  # audio in one WebSocket turn
     max_message_kb: int = 1024  # one WebSocket message
+    request_timeout_s: float = 60.0  # to send a whole HTTP request (headers and body); slower clients are cut off
+    idle_timeout_s: float = 300.0  # a WebSocket session with no message and no reply for this long is closed
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides the server's own address
+    conversation_dir: str | None = None  # each WebSocket session's conversation saved here after every turn
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "server.port", self.port, "a TCP port number")
-        _require(self.max_sessions >= 1, "server.max_sessions", self.max_sessions, "an integer >= 1")
-        _require(self.max_pending >= 1, "server.max_pending", self.max_pending, "an integer >= 1")
+        for name in ("max_sessions", "max_sessions_per_key", "max_pending", "max_requests"):
+            _require(getattr(self, name) >= 1, f"server.{name}", getattr(self, name), "an integer >= 1")
+        for name in ("max_upload_mb", "max_turn_audio_s", "request_timeout_s", "idle_timeout_s"):
+            _require(getattr(self, name) > 0, f"server.{name}", getattr(self, name), "a positive number")
+        _require(self.max_message_kb >= 1, "server.max_message_kb", self.max_message_kb, "an integer >= 1")
+        _require(all(key.strip() for key in self.api_keys), "server.api_keys", self.api_keys, "non-empty keys")
 
 
 @dataclass(frozen=True)

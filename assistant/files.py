@@ -25,9 +25,24 @@ def atomic_write_text(target: Path, text: str, *, what: str, error: type[Assista
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, target)
+        _sync_directory(target.parent)
     except OSError as exc:
         Path(temporary).unlink(missing_ok=True)
         raise error(
             f"cannot save {what} to '{target}': {exc.strerror}; the previous file is unchanged; free some space or "
             "choose another path"
         ) from None
+
+
+def _sync_directory(folder: Path) -> None:
+    """Make the rename itself durable (a power cut right after it could otherwise bring the old file back)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems cannot open directories; the rename is still atomic
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

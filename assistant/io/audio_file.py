@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -128,6 +129,11 @@ def stream_audio(path: str | Path, *, piece_s: float = 30.0, sample_rate: int = 
             process.kill()
             process.wait()
         process.stdout.close()
+    if code < 0:
+        raise AudioDecodeError(
+            f"decoding '{path}' stopped after {position / sample_rate:.1f} s: ffmpeg was killed by "
+            f"{signal.Signals(-code).name} (from outside, or for lack of memory); try again"
+        )
     if code != 0:
         reason = _last_line(b"".join(errors)) or f"ffmpeg exit code {code}"
         raise AudioDecodeError(f"decoding '{path}' failed after {position / sample_rate:.1f} s: {reason}")

@@ -12,22 +12,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
-import hmac
 import json
+import re
 import threading
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from assistant.config import VadConfig, build
+from assistant.conversation import Conversation
 from assistant.endpointing import Endpointer
-from assistant.errors import AsrError, AssistantError, ConfigError, LimitError
+from assistant.errors import AsrError, AssistantError, AuthError, ConfigError, LimitError, OutputError
+from assistant.llm.base import generation_failed
 from assistant.messages import SAMPLE_RATE, Audio, SpeechStarted, Utterance
 
 CLOSE_POLICY = 1008  # WebSocket close code: policy violation (bad origin, no key)
 CLOSE_TRY_LATER = 1013
+CLOSE_GOING_AWAY = 1001
+CLOSE_INTERNAL_ERROR = 1011
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a file name under server.conversation_dir, nothing more
 
 
 class RealtimeSession:
@@ -47,6 +55,7 @@ class RealtimeSession:
         self._turn_clock = 0.0
         self._pending_text: str | None = None
         self._send_lock = asyncio.Lock()
+        self._saved_as: Path | None = None  # server.conversation_dir/<id>.json
 
     # --- connection --------------------------------------------------------------------------------------------------
 
@@ -55,27 +64,64 @@ class RealtimeSession:
             await self._ws.close(code=CLOSE_POLICY, reason="origin not allowed")
             return
         await self._ws.accept()
-        if not await self._authorized():
+        key = await self._authorized()
+        if key is None:
             return
-        with self._services.lock:
-            full = self._services.sessions >= self._config.server.max_sessions
-            if not full:
-                self._services.sessions += 1
-        if full:
-            await self._error(
-                LimitError(f"the server holds its maximum of {self._config.server.max_sessions} sessions")
-            )
+        try:
+            self._services.open_session(key)
+        except LimitError as exc:
+            await self._error(exc)
             await self._ws.close(code=CLOSE_TRY_LATER)
+            return
+        try:
+            self._saved_as = self._resume(self._ws.query_params.get("conversation"))
+        except AssistantError as exc:
+            self._services.close_session(key)
+            await self._error(exc)
+            await self._ws.close(code=CLOSE_POLICY)
             return
         try:
             await self._send({"type": "session.created", "session": self._describe()})
             await self._receive_loop()
+        except Exception as exc:  # a fault of ours ends this session with a reason, never the server
+            await self._error(AssistantError(f"the session failed: {type(exc).__name__}: {str(exc)[:300]}"))
+            with contextlib.suppress(RuntimeError, ConnectionError):  # the client may be gone already
+                await self._ws.close(code=CLOSE_INTERNAL_ERROR)
         finally:
             self._cancel.set()
             if self._response is not None:
                 await asyncio.gather(self._response, return_exceptions=True)
-            with self._services.lock:
-                self._services.sessions -= 1
+            self._services.close_session(key, self._saved_as)
+
+    def _resume(self, requested: str | None) -> Path | None:
+        """With ``server.conversation_dir``: the file this session's conversation is saved to after every turn,
+        ``?conversation=ID`` resuming a saved one (a new id when none is given). None without a directory."""
+        folder = self._config.server.conversation_dir
+        if folder is None:
+            if requested is not None:
+                raise ConfigError("?conversation=: this server keeps no conversations (server.conversation_dir)")
+            return None
+        if requested is not None and not CONVERSATION_ID.fullmatch(requested):
+            raise ConfigError("?conversation= takes the id from session.created: 1-64 letters, digits, '-' or '_'")
+        conversation_id = requested or uuid.uuid4().hex
+        path = Path(folder).expanduser() / f"{conversation_id}.json"
+        self._services.claim_conversation(path)
+        if path.is_file():
+            try:
+                self._chat.resume(Conversation.load(path))
+            except AssistantError:
+                self._services.release_conversation(path)
+                raise
+        return path
+
+    async def _save(self) -> None:
+        """Write the conversation after a turn; a failure (disk full, read-only) is this turn's error only."""
+        if self._saved_as is None:
+            return
+        try:
+            await asyncio.to_thread(self._chat.conversation.save, self._saved_as)
+        except AssistantError as exc:
+            await self._error(OutputError(f"the reply was not saved: {exc.message}"))
 
     def _origin_allowed(self) -> bool:
         origin = self._ws.headers.get("origin")
@@ -85,10 +131,10 @@ class RealtimeSession:
         allowed = {f"http://{host}", f"https://{host}", *self._config.server.allowed_origins}
         return origin in allowed
 
-    async def _authorized(self) -> bool:
-        key = self._services.api_key
-        if key is None:
-            return True
+    async def _authorized(self) -> str | None:
+        """The client's API key ("" when the server has none), or None after refusing it."""
+        if not self._services.api_keys:
+            return ""
         header = self._ws.headers.get("authorization", "")
         offered = header.partition(" ")[2].strip() or self._ws.query_params.get("api_key", "")
         if not offered:  # the first message may carry it: {"type": "auth", "api_key": "..."}
@@ -97,19 +143,26 @@ class RealtimeSession:
                 offered = str(first.get("api_key", "")) if isinstance(first, dict) else ""
             except Exception:
                 offered = ""
-        if hmac.compare_digest(offered, key):
-            return True
-        await self._error(AssistantError("missing or wrong API key (Authorization header, ?api_key= or an auth event)"))
-        await self._ws.close(code=CLOSE_POLICY)
-        return False
+        key = self._services.key_of(offered)
+        if key is None:
+            await self._error(AuthError("missing or wrong API key (Authorization header, ?api_key= or an auth event)"))
+            await self._ws.close(code=CLOSE_POLICY)
+        return key
 
     async def _receive_loop(self) -> None:
         from starlette.websockets import WebSocketDisconnect
 
         limit = self._config.server.max_message_kb * 1024
+        idle_s = self._config.server.idle_timeout_s
         while True:
             try:
-                message = await self._ws.receive()
+                message = await asyncio.wait_for(self._ws.receive(), timeout=idle_s)
+            except TimeoutError:
+                if self._response is not None and not self._response.done():
+                    continue  # a long reply is still streaming to a client that has nothing to say
+                await self._error(LimitError(f"no message for {idle_s:g} s (server.idle_timeout_s); session closed"))
+                await self._ws.close(code=CLOSE_GOING_AWAY)
+                return
             except WebSocketDisconnect:
                 return
             if message["type"] == "websocket.disconnect":
@@ -193,6 +246,8 @@ class RealtimeSession:
 
     def _describe(self) -> dict[str, Any]:
         return {
+            "conversation_id": self._saved_as.stem if self._saved_as is not None else None,
+            "history_messages": len(self._chat.conversation.messages()),
             "model": self._config.llm.model, "transcription_model": self._config.asr.model,
             "instructions": self._chat.conversation.system, "language": self._language,
             "turn_detection": {"type": "server_vad"} if self._server_vad else None,
@@ -290,11 +345,8 @@ class RealtimeSession:
             async for delta in self._services.worker.stream(deltas, cancel):
                 first = first or time.monotonic()
                 await self._send({"type": "response.text.delta", "response_id": response_id, "delta": delta})
-        except AssistantError as exc:
-            await self._error(exc)
-            return
-        except Exception as exc:
-            del exc
+        except Exception as exc:  # this turn fails; the session and its history go on
+            await self._error(generation_failed(exc))
             return
         reply = holder.get("reply")
         stats = reply.stats if reply is not None else None
@@ -302,6 +354,7 @@ class RealtimeSession:
         metrics = {"first_char_ms": round(((first or time.monotonic()) - started) * 1000),
                    "tokens": stats.completion_tokens if stats else 0,
                    "tokens_per_s": round(stats.decode_tokens_per_s, 1) if stats else 0.0}  # fmt: skip
+        await self._save()
         await self._send({"type": "response.text.done", "response_id": response_id,
                           "text": reply.text if reply is not None else ""})  # fmt: skip
         await self._send({"type": "response.done",

@@ -8,6 +8,7 @@ and open sessions are limited; browsers must come from an allowed Origin; no end
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import ipaddress
@@ -29,8 +30,8 @@ from assistant.asr.writers import WRITERS
 from assistant.chat import ChatSession
 from assistant.config import Config, SamplingConfig, build
 from assistant.conversation import Conversation
-from assistant.errors import AssistantError, AudioDecodeError, AuthError, ConfigError, LimitError
-from assistant.llm.base import ChatModel
+from assistant.errors import AssistantError, AudioDecodeError, AuthError, BusyError, ConfigError, LimitError
+from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ROLES, Message
 from assistant.pipeline import TranscriptionPipeline
 from assistant.worker import ModelWorker
@@ -43,14 +44,18 @@ WEB_DIR = Path(__file__).with_name("web")
 
 @dataclasses.dataclass
 class Services:
-    """What the app shares between all requests: the configuration, the models and the one worker."""
+    """What the app shares between all requests: the configuration, the models, the one worker, and the counts
+    behind the session and request limits."""
 
     config: Config
     chat_model: ChatModel
     transcription: TranscriptionPipeline
     worker: ModelWorker
-    api_key: str | None
+    api_keys: tuple[str, ...]
     sessions: int = 0
+    sessions_by_key: dict[str, int] = dataclasses.field(default_factory=dict)
+    requests: int = 0
+    open_conversations: set[Path] = dataclasses.field(default_factory=set)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @classmethod
@@ -58,17 +63,62 @@ class Services:
         check_exposure(config)
         chat_model = registry.create("llm", config.llm.backend, config.llm)
         transcription = TranscriptionPipeline.from_config(config)
-        return cls(config, chat_model, transcription, ModelWorker(config.server.max_pending), api_key_of(config))
+        return cls(config, chat_model, transcription, ModelWorker(config.server.max_pending), api_keys_of(config))
+
+    def key_of(self, offered: str) -> str | None:
+        """The configured key ``offered`` matches (compared in constant time); "" when the server has no keys."""
+        if not self.api_keys:
+            return ""
+        matches = [key for key in self.api_keys if hmac.compare_digest(offered.encode(), key.encode())]
+        return matches[0] if matches else None
+
+    def open_session(self, key: str) -> None:
+        """Count a new WebSocket session for ``key``, or refuse it when the server or that key is at its limit."""
+        limits = self.config.server
+        with self.lock:
+            if self.sessions >= limits.max_sessions:
+                raise LimitError(
+                    f"the server holds its maximum of {limits.max_sessions} sessions (server.max_sessions)"
+                )
+            if key and self.sessions_by_key.get(key, 0) >= limits.max_sessions_per_key:
+                raise LimitError(
+                    f"this API key holds its maximum of {limits.max_sessions_per_key} sessions "
+                    "(server.max_sessions_per_key); close one first"
+                )
+            self.sessions += 1
+            self.sessions_by_key[key] = self.sessions_by_key.get(key, 0) + 1
+
+    def close_session(self, key: str, conversation: Path | None = None) -> None:
+        with self.lock:
+            self.sessions -= 1
+            self.sessions_by_key[key] -= 1
+            if not self.sessions_by_key[key]:
+                del self.sessions_by_key[key]
+            if conversation is not None:
+                self.open_conversations.discard(conversation)
+
+    def claim_conversation(self, path: Path) -> None:
+        """One session at a time per saved conversation: two writers would each drop the other's turns."""
+        with self.lock:
+            if path in self.open_conversations:
+                raise LimitError(f"conversation '{path.stem}' is open in another session; close that one first")
+            self.open_conversations.add(path)
+
+    def release_conversation(self, path: Path) -> None:
+        with self.lock:
+            self.open_conversations.discard(path)
 
 
-def api_key_of(config: Config) -> str | None:
-    """The key clients must present: ``server.api_key``, else the ASSISTANT_API_KEY environment variable."""
-    return config.server.api_key or os.environ.get("ASSISTANT_API_KEY") or None
+def api_keys_of(config: Config) -> tuple[str, ...]:
+    """The keys clients may present: ``server.api_key`` (else the ASSISTANT_API_KEY environment variable) and
+    ``server.api_keys``."""
+    first = config.server.api_key or os.environ.get("ASSISTANT_API_KEY") or None
+    return tuple(dict.fromkeys(key for key in (first, *config.server.api_keys) if key))
 
 
 def check_exposure(config: Config) -> None:
     """Binding beyond loopback without an API key would hand the models to the whole network."""
-    if not _is_loopback(config.server.host) and api_key_of(config) is None:
+    if not _is_loopback(config.server.host) and not api_keys_of(config):
         raise ConfigError(
             f"server.host {config.server.host!r} is reachable from other machines: set server.api_key (or "
             "ASSISTANT_API_KEY) so that only your clients can use it, or bind 127.0.0.1"
@@ -125,6 +175,12 @@ def create_app(services: Services) -> FastAPI:
     async def assistant_error(request: Request, exc: AssistantError) -> JSONResponse:
         return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, 500))
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        """A failure we did not foresee still answers in our error shape; the server goes on."""
+        failure = AssistantError(f"the request failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return JSONResponse(error_body(failure), status_code=500)
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
         try:
@@ -133,9 +189,20 @@ def create_app(services: Services) -> FastAPI:
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > limit_bytes:
                 raise LimitError(f"the request body is over server.max_upload_mb ({config.server.max_upload_mb} MB)")
+            with services.lock:
+                if services.requests >= config.server.max_requests:
+                    raise BusyError(
+                        f"the server is busy ({config.server.max_requests} requests in progress, "
+                        "server.max_requests); try again shortly"
+                    )
+                services.requests += 1
         except AssistantError as exc:
             return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, 400))
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        finally:
+            with services.lock:
+                services.requests -= 1
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -212,7 +279,10 @@ def create_app(services: Services) -> FastAPI:
                 text = "".join(reply)
                 return text, reply.stats
 
-            text, stats = await services.worker.run(whole)
+            try:
+                text, stats = await services.worker.run(whole)
+            except Exception as exc:
+                raise generation_failed(exc) from exc
             return {
                 "id": request_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -239,8 +309,8 @@ def create_app(services: Services) -> FastAPI:
                     if await request.is_disconnected():
                         return  # leaving the stream sets cancel: generation stops, the worker is free
                     yield chunk({"content": text})
-            except AssistantError as exc:
-                yield f"data: {json.dumps(error_body(exc))}\n\n"
+            except Exception as exc:  # the stream ends with an error event; the server goes on
+                yield f"data: {json.dumps(error_body(generation_failed(exc)))}\n\n"
                 return
             stats = holder.get("stats")
             yield chunk({}, "length" if stats is not None and stats.finish_reason == "length" else "stop")
@@ -274,10 +344,8 @@ def _usage(stats: Any) -> dict[str, int]:
 
 
 def _check_key(services: Services, authorization: str | None) -> None:
-    if services.api_key is None:
-        return
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), services.api_key):
+    if services.key_of(token.strip() if scheme.lower() == "bearer" else "") is None:
         raise AuthError("missing or wrong API key: send 'Authorization: Bearer <server.api_key>'")
 
 
@@ -287,12 +355,64 @@ def new_session(services: Services) -> ChatSession:
     return ChatSession(services.chat_model, Conversation(llm.system), llm.sampling)
 
 
+def deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's HTTP/1.1 protocol with a deadline per request. uvicorn closes idle kept-alive connections but waits
+    without end for a request that arrives slowly (slow loris: a byte of header now and then, or a trickled body),
+    each such client holding a connection; here a request must arrive whole within ``timeout_s`` of the connection
+    opening or of its first byte, or it gets 408 and the connection is closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    arriving = (h11.IDLE, h11.SEND_BODY)  # the client's side of h11's state machine while a request comes in
+    timeout = json.dumps(error_body(LimitError(
+        f"the request did not arrive within server.request_timeout_s ({timeout_s:g} s); send it whole, faster"
+    ))).encode()  # fmt: skip
+    response = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    response += b"content-length: %d\r\n\r\n%s" % (len(timeout), timeout)
+
+    class DeadlineH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(timeout_s, self._expired)
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and self.conn.their_state is h11.IDLE:  # the next request on this connection
+                self._deadline = self.loop.call_later(timeout_s, self._expired)
+            super().data_received(data)
+            if self.conn.their_state not in arriving:
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing() or self.conn.their_state not in arriving:
+                return
+            if self.cycle is None or not self.cycle.response_started:
+                self.transport.write(response)
+            self.transport.close()
+
+    return DeadlineH11Protocol
+
+
 def serve(config: Config) -> None:
     import uvicorn
 
     services = Services.load(config)
-    print(f"assistant serving on http://{config.server.host}:{config.server.port}/ (Ctrl-C to stop)", flush=True)
+    limits = config.server
+    print(f"assistant serving on http://{limits.host}:{limits.port}/ (Ctrl-C to stop)", flush=True)
     # frames up to 4x the message limit reach the session, which answers with an `error` event and goes on;
-    # beyond that the WebSocket layer closes the connection with 1009 (message too big) before buffering it
-    uvicorn.run(create_app(services), host=config.server.host, port=config.server.port, log_level="warning",
-                ws_max_size=config.server.max_message_kb * 1024 * 4)  # fmt: skip
+    # beyond that the WebSocket layer closes the connection with 1009 (message too big) before buffering it.
+    # limit_concurrency is the last guard (plain 503) behind our own session and request limits.
+    uvicorn.run(create_app(services), host=limits.host, port=limits.port, log_level="warning",
+                http=deadline_protocol(limits.request_timeout_s), ws_max_size=limits.max_message_kb * 1024 * 4,
+                limit_concurrency=limits.max_sessions + limits.max_requests + 16)  # fmt: skip

@@ -14,11 +14,26 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from assistant.config import SamplingConfig
-from assistant.errors import PromptTooLongError
+from assistant.errors import AssistantError, LlmError, PromptTooLongError
 from assistant.llm.templates import PromptFormat
 from assistant.messages import Message, ReplyStats
 
 REPLACEMENT = "\ufffd"  # what a decoder prints for bytes that are not (yet) a whole UTF-8 character
+
+
+def generation_failed(exc: BaseException) -> AssistantError:
+    """What a failed generation tells the client: our own errors as they are, anything else as ``llm-failed`` with
+    its cause; running out of memory (CUDA or host) with the settings that make a turn need less."""
+    if isinstance(exc, AssistantError):
+        return exc
+    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return LlmError(
+            f"the model ran out of memory while generating ({type(exc).__name__}); this turn is lost, the "
+            "conversation is kept. Lower llm.context_tokens or llm.sampling.max_new_tokens, or quantize the model "
+            "(llm.quantize: 4bit)"
+        )
+    detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return LlmError(f"generation failed: {type(exc).__name__}{': ' + detail if detail else ''}")
 
 
 class Reply:

@@ -132,6 +132,16 @@ class HFChatModel(TokenChatModel):
         return self._cached
 
     def sample(self, prompt_ids: list[int], params: SamplingConfig) -> Iterator[int]:
+        try:
+            yield from self._sample(prompt_ids, params)
+        except self._torch.OutOfMemoryError:
+            # the half-written KV cache is already dropped; give its memory back so the next turn can run
+            self._cache, self._cache_ids = None, []
+            if self._torch.cuda.is_available():
+                self._torch.cuda.empty_cache()
+            raise
+
+    def _sample(self, prompt_ids: list[int], params: SamplingConfig) -> Iterator[int]:
         torch = self._torch
         with torch.inference_mode():
             new_ids = self._reuse_cache(prompt_ids)
