@@ -378,11 +378,12 @@ def deadline_protocol(timeout_s: float) -> type:
             self._deadline = self.loop.call_later(timeout_s, self._expired)
 
         def data_received(self, data: bytes) -> None:
-            if self._deadline is None and self.conn.their_state is h11.IDLE:  # the next request on this connection
-                self._deadline = self.loop.call_later(timeout_s, self._expired)
             super().data_received(data)
-            if self.conn.their_state not in arriving:
+            upgraded = self.transport.get_protocol() is not self  # a WebSocket now owns the connection
+            if upgraded or self.conn.their_state not in arriving:
                 self._disarm()
+            elif self._deadline is None:  # the first bytes of the next request on a kept-alive connection
+                self._deadline = self.loop.call_later(timeout_s, self._expired)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -395,9 +396,12 @@ def deadline_protocol(timeout_s: float) -> type:
 
         def _expired(self) -> None:
             self._deadline = None
-            if self.transport.is_closing() or self.conn.their_state not in arriving:
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
                 return
-            if self.cycle is None or not self.cycle.response_started:
+            if self.conn.their_state not in arriving:
+                return
+            cycle = self.cycle  # the last request's, until the next one's headers are complete
+            if cycle is None or cycle.response_complete or not cycle.response_started:
                 self.transport.write(response)
             self.transport.close()
 

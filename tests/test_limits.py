@@ -1,0 +1,150 @@
+"""Resource limits of `assistant serve`, attacked by real clients on 127.0.0.1: upload size, audio per turn, sessions
+per API key, concurrent requests, slow-loris clients (headers or body trickled) and idle WebSocket sessions.
+
+One server with small limits (2 s deadlines, 2 requests, 2 sessions per key) so each attack ends in seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_offline_models, speak
+from tests.test_server import events_until, start_server, ws_url
+
+pytestmark = [pytest.mark.real_model, pytest.mark.reliability]
+openai = pytest.importorskip("openai")
+websockets = pytest.importorskip("websockets")
+
+ALPHA, BETA = "alpha-key-0001", "beta-key-0002"
+DEADLINE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    require_offline_models("smollm2-135m", "whisper-base")
+    process, base = start_server(
+        "--set", f"server.api_keys=[{ALPHA}, {BETA}]", "--set", "server.max_sessions_per_key=2",
+        "--set", "server.max_requests=2", "--set", f"server.request_timeout_s={DEADLINE_S}",
+        "--set", f"server.idle_timeout_s={DEADLINE_S}", "--set", "server.max_upload_mb=0.05",
+        "--set", "server.max_turn_audio_s=2",
+    )  # fmt: skip
+    yield base
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def port_of(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+def open_slow_request(base: str, head: bytes, body_part: bytes = b"") -> socket.socket:
+    """A client that sends part of a request and then nothing more."""
+    connection = socket.create_connection(("127.0.0.1", port_of(base)), timeout=DEADLINE_S + 10)
+    connection.sendall(head + body_part)
+    return connection
+
+
+def slow_body(base: str) -> socket.socket:
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALPHA}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()  # fmt: skip
+    return open_slow_request(base, head, b'{"messages": [')
+
+
+def answer_of(connection: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    received = b""
+    with connection:
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+def health(base: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_slow_loris_clients_get_408_and_everyone_else_is_served(server: str) -> None:
+    started = time.monotonic()
+    silent = open_slow_request(server, b"")  # connects and sends nothing
+    trickled_headers = open_slow_request(server, b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    trickled_body = slow_body(server)
+    time.sleep(0.3)
+    assert health(server) == 200  # served while three slow clients hold connections
+    for connection in (silent, trickled_headers, trickled_body):
+        answer = answer_of(connection)
+        assert answer.startswith(b"HTTP/1.1 408") and b"server.request_timeout_s" in answer, answer[:200]
+    assert time.monotonic() - started < DEADLINE_S + 3
+    # a kept-alive connection gets the same deadline for its next request
+    keep_alive = open_slow_request(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.5)  # the whole first response has arrived
+    keep_alive.sendall(b"GET /health HTTP/1.1\r\n")
+    answers = answer_of(keep_alive)
+    assert answers.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in answers
+
+
+def test_requests_over_the_concurrency_limit_are_busy_until_slots_free(server: str) -> None:
+    holders = [slow_body(server), slow_body(server)]  # inside the app, waiting for bodies that never come
+    time.sleep(0.5)
+    request = urllib.request.Request(f"{server}/health")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 503 and b"server.max_requests" in refused.value.read()
+    for holder in holders:
+        answer_of(holder)  # cut off at the deadline, which frees their slots
+    assert health(server) == 200
+
+
+def test_upload_over_the_size_limit_is_refused(server: str, tmp_path: Path) -> None:
+    big = speak("This recording is longer than the upload limit allows.", tmp_path / "big.wav")
+    assert big.stat().st_size > 0.05 * 1024 * 1024
+    api = openai.OpenAI(base_url=f"{server}/v1", api_key=ALPHA, max_retries=0, timeout=60)
+    with pytest.raises(openai.APIStatusError) as refused, big.open("rb") as f:
+        api.audio.transcriptions.create(model="whisper-1", file=f)
+    assert refused.value.status_code == 413 and "server.max_upload_mb" in str(refused.value.body)
+    assert health(server) == 200
+
+
+def connect(server: str, key: str) -> object:
+    return websockets.connect(ws_url(server), additional_headers={"Authorization": f"Bearer {key}"})
+
+
+def test_sessions_per_key_turn_audio_and_idle_sessions(server: str) -> None:
+    async def attack() -> None:
+        async with connect(server, ALPHA) as first, connect(server, ALPHA) as second:
+            for ws in (first, second):
+                assert json.loads(await ws.recv())["type"] == "session.created"
+            async with connect(server, ALPHA) as third:  # over the key's limit
+                refused = json.loads(await third.recv())
+                assert refused["error"]["code"] == "limit" and "max_sessions_per_key" in refused["error"]["message"]
+                with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                    await third.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+            async with connect(server, BETA) as other:  # another key is not affected
+                assert json.loads(await other.recv())["type"] == "session.created"
+            # audio per turn (client-committed turns): 3 s of audio against a 2 s limit
+            await first.send(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+            await events_until(first, "session.updated")
+            await first.send(b"\x00\x01" * 16000 * 3)
+            error = json.loads(await first.recv())
+            assert error["error"]["code"] == "limit" and "server.max_turn_audio_s" in error["error"]["message"]
+            # idle: no message for the idle timeout closes the session with a reason
+            idle = json.loads(await asyncio.wait_for(second.recv(), timeout=DEADLINE_S + 5))
+            assert idle["error"]["code"] == "limit" and "idle_timeout_s" in idle["error"]["message"]
+            with pytest.raises(websockets.exceptions.ConnectionClosed):
+                await second.recv()
+        async with connect(server, ALPHA) as again:  # the key's sessions were given back
+            assert json.loads(await again.recv())["type"] == "session.created"
+
+    asyncio.run(attack())
