@@ -134,11 +134,18 @@ class Conversation:
         if count_tokens(candidate) <= budget:
             return candidate
         target = int(budget * (1 - TRIM_SLACK))
-        while start < last_start:
-            start = self._next_exchange(start)
-            candidate = head + self.turns[start:]
-            if count_tokens(candidate) <= target:
-                break
+        # the earliest later exchange whose window fits the target, by bisection (a window is shorter the later it
+        # starts): a resumed conversation of thousands of turns costs a dozen counts, not thousands
+        starts = [i for i in range(start + 1, last_start + 1) if self.turns[i].role == "user"] or [last_start]
+        low, high = 0, len(starts) - 1
+        while low < high:
+            middle = (low + high) // 2
+            if count_tokens(head + self.turns[starts[middle] :]) <= target:
+                high = middle
+            else:
+                low = middle + 1
+        start = starts[low]
+        candidate = head + self.turns[start:]
         size = count_tokens(candidate)
         if size > budget:
             raise PromptTooLongError(
@@ -155,12 +162,6 @@ class Conversation:
             if self.turns[index].role == "user":
                 return index
         return 0
-
-    def _next_exchange(self, start: int) -> int:
-        index = start + 1
-        while index < len(self.turns) and self.turns[index].role != "user":
-            index += 1
-        return index
 
     # --- file ----------------------------------------------------------------------------------------------------
 

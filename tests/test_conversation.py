@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant.conversation import Conversation, load_persona
+from assistant.conversation import TRIM_SLACK, Conversation, load_persona
 from assistant.errors import ConversationError, PromptTooLongError
 from assistant.messages import Message
 
@@ -169,3 +169,25 @@ def test_bad_persona_files(tmp_path: Path, content: str, match: str) -> None:
     path.write_text(content)
     with pytest.raises(ConversationError, match=match):
         load_persona(path)
+
+
+def test_window_of_a_very_long_conversation_needs_few_counts() -> None:
+    """A resumed conversation of thousands of turns is windowed by bisection, with the same result as dropping the
+    oldest exchanges one by one."""
+    conversation = Conversation("sys")
+    for turn in range(3000):
+        conversation.add_user(f"q{turn} " + "x" * (turn % 7))
+        conversation.add_reply(f"a{turn} " + "y" * (turn % 5))
+    conversation.add_user("last")
+    calls = []
+
+    def count(messages: list[Message]) -> int:
+        calls.append(len(messages))
+        return sum(len(m.content) + 4 for m in messages)
+
+    window = conversation.window(count, 1000)
+    assert len(calls) <= 20
+    target = int(1000 * (1 - TRIM_SLACK))
+    one_exchange_more = [window[0], *conversation.turns[-(len(window) - 1) - 2 :]]
+    assert count(window) <= target < count(one_exchange_more)
+    assert window[0].role == "system" and window[1].role == "user" and window[-1].content == "last"

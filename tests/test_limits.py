@@ -121,6 +121,8 @@ def connect(server: str, key: str) -> object:
 
 
 def test_sessions_per_key_turn_audio_and_idle_sessions(server: str) -> None:
+    from websockets.exceptions import ConnectionClosed
+
     async def attack() -> None:
         async with connect(server, ALPHA) as first, connect(server, ALPHA) as second:
             for ws in (first, second):
@@ -128,7 +130,7 @@ def test_sessions_per_key_turn_audio_and_idle_sessions(server: str) -> None:
             async with connect(server, ALPHA) as third:  # over the key's limit
                 refused = json.loads(await third.recv())
                 assert refused["error"]["code"] == "limit" and "max_sessions_per_key" in refused["error"]["message"]
-                with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                with pytest.raises(ConnectionClosed) as closed:
                     await third.recv()
                 assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
             async with connect(server, BETA) as other:  # another key is not affected
@@ -142,7 +144,7 @@ def test_sessions_per_key_turn_audio_and_idle_sessions(server: str) -> None:
             # idle: no message for the idle timeout closes the session with a reason
             idle = json.loads(await asyncio.wait_for(second.recv(), timeout=DEADLINE_S + 5))
             assert idle["error"]["code"] == "limit" and "idle_timeout_s" in idle["error"]["message"]
-            with pytest.raises(websockets.exceptions.ConnectionClosed):
+            with pytest.raises(ConnectionClosed):
                 await second.recv()
         async with connect(server, ALPHA) as again:  # the key's sessions were given back
             assert json.loads(await again.recv())["type"] == "session.created"

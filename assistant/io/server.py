@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from assistant import registry
 from assistant.asr.writers import WRITERS
@@ -174,6 +175,11 @@ def create_app(services: Services) -> FastAPI:
     @app.exception_handler(AssistantError)
     async def assistant_error(request: Request, exc: AssistantError) -> JSONResponse:
         return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, 500))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, exc: ClientDisconnect) -> Response:
+        """The client went away mid-request (killed, cable pulled): nobody to answer, nothing to log."""
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
