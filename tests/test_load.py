@@ -13,13 +13,14 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import require_offline_models, speak
 from tests.test_server import start_server, ws_url
 
-pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.reliability]
 websockets = pytest.importorskip("websockets")
 openai = pytest.importorskip("openai")
 
@@ -41,7 +42,7 @@ def pcm(path: Path) -> bytes:
                            "-ac", "1", "-f", "s16le", "-"], capture_output=True, check=True).stdout  # fmt: skip
 
 
-async def spoken_session(url: str, marker: str, audio: bytes, deadline: float, outcome: dict[str, int]) -> None:
+async def spoken_session(url: str, marker: str, audio: bytes, deadline: float, outcome: dict[str, Any]) -> None:
     async with websockets.connect(url, max_size=None) as ws:
         assert json.loads(await ws.recv())["type"] == "session.created"
         await ws.send(json.dumps({"type": "session.update", "session": {"instructions": f"marker {marker}"}}))
@@ -54,9 +55,14 @@ async def spoken_session(url: str, marker: str, audio: bytes, deadline: float, o
             for offset in range(0, len(audio), 32000):
                 await ws.send(audio[offset : offset + 32000])
             await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            outcome["sent"] += 1
+            committed, first_delta = time.monotonic(), None
             async with asyncio.timeout(180):
                 while True:
                     event = json.loads(await ws.recv())
+                    if event["type"] == "response.text.delta" and first_delta is None:
+                        first_delta = time.monotonic()
+                        outcome["latencies"].append(first_delta - committed)
                     if event["type"].endswith("transcription.completed"):
                         assert marker in event["transcript"].lower(), (marker, event["transcript"])
                     elif event["type"] == "error":
@@ -75,7 +81,7 @@ def test_concurrent_sessions_keep_their_own_turns_and_memory_stays_flat(tmp_path
     try:
         url = ws_url(base)
         samples: list[float] = []
-        outcome = {"answered": 0, "busy": 0}
+        outcome: dict[str, Any] = {"sent": 0, "answered": 0, "busy": 0, "latencies": []}
         deadline = time.monotonic() + SECONDS
         keys = list(QUESTIONS)
 
@@ -93,12 +99,16 @@ def test_concurrent_sessions_keep_their_own_turns_and_memory_stays_flat(tmp_path
         failures = [r for r in results if isinstance(r, BaseException)]
         assert not failures, failures[:3]
         assert outcome["answered"] >= SESSIONS and results[0] >= 1
+        assert outcome["sent"] == outcome["answered"] + outcome["busy"]  # no turn lost: answered or refused
+        latencies = sorted(outcome["latencies"])
+        p50, p95 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))]
         # warm-up: the first third of the run (every session open, every code path taken once)
         warm, late = samples[len(samples) // 3], max(samples[len(samples) // 3 :])
         growth = late - warm
         assert growth < 150, f"server memory grew {growth:.0f} MB after warm-up ({samples[::5]})"
         print(f"\nload: {SESSIONS} sessions, {SECONDS:.0f} s: {outcome['answered']} turns answered, "
-              f"{outcome['busy']} busy, {results[0]} HTTP transcriptions, RSS growth {growth:.0f} MB")  # fmt: skip
+              f"{outcome['busy']} busy, {results[0]} HTTP transcriptions, RSS growth {growth:.0f} MB, "
+              f"end of audio -> first reply text p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")  # fmt: skip
     finally:
         process.terminate()
         process.wait(timeout=30)
