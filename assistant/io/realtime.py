@@ -265,8 +265,10 @@ class RealtimeSession:
                 self._buffer = []
                 raise LimitError(f"the turn is over server.max_turn_audio_s ({self._config.server.max_turn_audio_s} s)")
             return
-        endpointer = self._endpointer or self._new_endpointer()
-        for event in list(endpointer.push(samples)):
+        # the VAD model runs in a thread: on the event loop, every session's frames would delay all other sessions'
+        # events and their keepalive pongs
+        endpointer = self._endpointer or await asyncio.to_thread(self._new_endpointer)
+        for event in await asyncio.to_thread(lambda: list(endpointer.push(samples))):
             await self._segmented(event)
 
     def _new_endpointer(self) -> Endpointer:
