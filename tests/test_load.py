@@ -107,7 +107,8 @@ def test_concurrent_sessions_keep_their_own_turns_and_memory_stays_flat(tmp_path
         growth = late - warm
         assert growth < 150, f"server memory grew {growth:.0f} MB after warm-up ({samples[::5]})"
         print(f"\nload: {SESSIONS} sessions, {SECONDS:.0f} s: {outcome['answered']} turns answered, "
-              f"{outcome['busy']} busy, {results[0]} HTTP transcriptions, RSS growth {growth:.0f} MB, "
+              f"{outcome['busy']} busy, {results[0]} HTTP transcriptions, RSS {warm:.0f} MB after warm-up, "
+              f"{samples[-1]:.0f} MB at the end, growth {growth:.0f} MB, "
               f"end of audio -> first reply text p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")  # fmt: skip
     finally:
         process.terminate()
