@@ -28,9 +28,11 @@ DEADLINE_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     require_offline_models("smollm2-135m", "whisper-base")
+    conversations = tmp_path_factory.mktemp("conversations")
     process, base = start_server(
+        "--set", f"server.conversation_dir={conversations}",
         "--set", f"server.api_keys=[{ALPHA}, {BETA}]", "--set", "server.max_sessions_per_key=2",
         "--set", "server.max_requests=2", "--set", f"server.request_timeout_s={DEADLINE_S}",
         "--set", f"server.idle_timeout_s={DEADLINE_S}", "--set", "server.max_upload_mb=0.05",
@@ -148,5 +150,22 @@ def test_sessions_per_key_turn_audio_and_idle_sessions(server: str) -> None:
                 await second.recv()
         async with connect(server, ALPHA) as again:  # the key's sessions were given back
             assert json.loads(await again.recv())["type"] == "session.created"
+
+    asyncio.run(attack())
+
+
+def test_one_key_cannot_open_another_keys_conversation(server: str) -> None:
+    async def attack() -> None:
+        async with connect(server, ALPHA) as ws:
+            conversation_id = json.loads(await ws.recv())["session"]["conversation_id"]
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": {"role": "user", "content": "Hi"}}))
+            await ws.send(json.dumps({"type": "response.create"}))
+            await events_until(ws, "response.done")
+        async with websockets.connect(f"{ws_url(server)}?conversation={conversation_id}",
+                                      additional_headers={"Authorization": f"Bearer {BETA}"}) as other:  # fmt: skip
+            assert json.loads(await other.recv())["session"]["history_messages"] == 1  # a new one: system only
+        async with websockets.connect(f"{ws_url(server)}?conversation={conversation_id}",
+                                      additional_headers={"Authorization": f"Bearer {ALPHA}"}) as owner:  # fmt: skip
+            assert json.loads(await owner.recv())["session"]["history_messages"] == 3  # its own, resumed
 
     asyncio.run(attack())

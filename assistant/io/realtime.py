@@ -14,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import threading
@@ -74,7 +75,7 @@ class RealtimeSession:
             await self._ws.close(code=CLOSE_TRY_LATER)
             return
         try:
-            self._saved_as = self._resume(self._ws.query_params.get("conversation"))
+            self._saved_as = self._resume(self._ws.query_params.get("conversation"), key)
         except AssistantError as exc:
             self._services.close_session(key)
             await self._error(exc)
@@ -93,9 +94,10 @@ class RealtimeSession:
                 await asyncio.gather(self._response, return_exceptions=True)
             self._services.close_session(key, self._saved_as)
 
-    def _resume(self, requested: str | None) -> Path | None:
+    def _resume(self, requested: str | None, key: str) -> Path | None:
         """With ``server.conversation_dir``: the file this session's conversation is saved to after every turn,
-        ``?conversation=ID`` resuming a saved one (a new id when none is given). None without a directory."""
+        ``?conversation=ID`` resuming a saved one (a new id when none is given). None without a directory. With API
+        keys, each key's conversations live in a folder of their own: one client cannot open another's."""
         folder = self._config.server.conversation_dir
         if folder is None:
             if requested is not None:
@@ -104,7 +106,8 @@ class RealtimeSession:
         if requested is not None and not CONVERSATION_ID.fullmatch(requested):
             raise ConfigError("?conversation= takes the id from session.created: 1-64 letters, digits, '-' or '_'")
         conversation_id = requested or uuid.uuid4().hex
-        path = Path(folder).expanduser() / f"{conversation_id}.json"
+        folder_of_key = hashlib.sha256(key.encode()).hexdigest()[:16] if key else ""
+        path = Path(folder).expanduser() / folder_of_key / f"{conversation_id}.json"
         self._services.claim_conversation(path)
         if path.is_file():
             try:
