@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -162,16 +163,22 @@ def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+@dataclasses.dataclass
+class RunningServer:
+    base: str
+    process: subprocess.Popen
+    uploads: Path  # its TMPDIR, where uploads are spooled
+
+
 @pytest.fixture(scope="module")
-def server(small_disk: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
+def server(small_disk: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     require_offline_models("smollm2-135m", "whisper-base")
     uploads = tmp_path_factory.mktemp("server-tmp")
     process, base = start_server(
         "--set", f"server.conversation_dir={small_disk / 'conversations'}", "--set", "transcribe.block_s=60",
         "--set", "llm.sampling.max_new_tokens=16", env={**os.environ, "TMPDIR": str(uploads)},
     )  # fmt: skip
-    process.uploads = uploads  # type: ignore[attr-defined]
-    yield base, process
+    yield RunningServer(base, process, uploads)
     process.terminate()
     process.wait(timeout=30)
 
@@ -181,8 +188,8 @@ def run_client(code: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True)
 
 
-def test_client_killed_mid_upload_leaves_nothing_behind(server: tuple[str, subprocess.Popen]) -> None:
-    base, process = server
+def test_client_killed_mid_upload_leaves_nothing_behind(server: RunningServer) -> None:
+    base = server.base
     port = base.rsplit(":", 1)[1]
     uploader = run_client(f"""
         import socket, time
@@ -198,20 +205,20 @@ def test_client_killed_mid_upload_leaves_nothing_behind(server: tuple[str, subpr
     """)
     try:
         assert uploader.stdout is not None and uploader.stdout.readline().strip() == "sent"
-        wait_for(lambda: spooled_uploads(process) > 0)  # the upload is being spooled to a temporary file
+        wait_for(lambda: spooled_uploads(server) > 0)  # the upload is being spooled to a temporary file
     finally:
         uploader.send_signal(signal.SIGKILL)
         uploader.wait()
-    wait_for(lambda: spooled_uploads(process) == 0)  # the partial upload was dropped, its file closed
-    assert not any(process.uploads.iterdir())  # type: ignore[attr-defined]
+    wait_for(lambda: spooled_uploads(server) == 0)  # the partial upload was dropped, its file closed
+    assert not any(server.uploads.iterdir())
     assert health(base)["status"] == "ok"
 
 
-def spooled_uploads(process: subprocess.Popen) -> int:
+def spooled_uploads(server: RunningServer) -> int:
     """Files the server holds open in its temporary directory (spooled uploads are unlinked while open)."""
-    folder = str(process.uploads)  # type: ignore[attr-defined]
+    folder = str(server.uploads)
     count = 0
-    for descriptor in Path(f"/proc/{process.pid}/fd").iterdir():
+    for descriptor in Path(f"/proc/{server.process.pid}/fd").iterdir():
         with contextlib.suppress(OSError):
             count += os.readlink(descriptor).startswith(folder)
     return count
@@ -224,8 +231,8 @@ def wait_for(condition: Any, timeout_s: float = 10) -> None:
         time.sleep(0.05)
 
 
-def test_client_killed_mid_reply_frees_its_session_and_the_worker(server: tuple[str, subprocess.Popen]) -> None:
-    base, _ = server
+def test_client_killed_mid_reply_frees_its_session_and_the_worker(server: RunningServer) -> None:
+    base = server.base
     talker = run_client(f"""
         import asyncio, json, time, websockets
         async def main():
@@ -267,9 +274,9 @@ def server_children(process: subprocess.Popen, name: str) -> list[int]:
     return found
 
 
-def test_ffmpeg_killed_mid_decode_fails_that_request_only(server: tuple[str, subprocess.Popen], tmp_path: Path) -> None:
+def test_ffmpeg_killed_mid_decode_fails_that_request_only(server: RunningServer, tmp_path: Path) -> None:
     ffmpeg = require_tool("ffmpeg")
-    base, process = server
+    base = server.base
     question = speak("What is the capital of France? Tell me about its history.", tmp_path / "q.wav")
     long_file = tmp_path / "long.flac"  # 3 minutes: the decode waits on Whisper block by block
     subprocess.run([ffmpeg, "-loglevel", "error", "-stream_loop", "40", "-i", str(question), "-t", "180",
@@ -287,7 +294,7 @@ def test_ffmpeg_killed_mid_decode_fails_that_request_only(server: tuple[str, sub
     request = threading.Thread(target=transcribe)
     request.start()
     deadline = time.monotonic() + 60
-    while not (decoders := server_children(process, "ffmpeg")) and time.monotonic() < deadline:
+    while not (decoders := server_children(server.process, "ffmpeg")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert decoders, "the server never started ffmpeg"
     time.sleep(0.5)
@@ -300,8 +307,8 @@ def test_ffmpeg_killed_mid_decode_fails_that_request_only(server: tuple[str, sub
         assert "capital" in api.audio.transcriptions.create(model="whisper-1", file=f).text.lower()
 
 
-def test_full_and_read_only_conversation_directory(server: tuple[str, subprocess.Popen], small_disk: Path) -> None:
-    base, _ = server
+def test_full_and_read_only_conversation_directory(server: RunningServer, small_disk: Path) -> None:
+    base = server.base
     filler = small_disk / "filler"
 
     async def session() -> None:
