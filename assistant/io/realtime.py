@@ -53,7 +53,6 @@ class RealtimeSession:
         self._buffer: list[np.ndarray] = []  # audio since the last turn (manual commit mode)
         self._response: asyncio.Task[None] | None = None
         self._cancel = threading.Event()
-        self._turn_clock = 0.0
         self._pending_text: str | None = None
         self._send_lock = asyncio.Lock()
         self._saved_as: Path | None = None  # server.conversation_dir/<id>.json
@@ -92,7 +91,9 @@ class RealtimeSession:
             self._cancel.set()
             if self._response is not None:
                 await asyncio.gather(self._response, return_exceptions=True)
-            self._services.close_session(key, self._saved_as)
+            if self._saved_as is not None:
+                self._services.release_conversation(self._saved_as)
+            self._services.close_session(key)
 
     def _resume(self, requested: str | None, key: str) -> Path | None:
         """With ``server.conversation_dir``: the file this session's conversation is saved to after every turn,

@@ -89,14 +89,12 @@ class Services:
             self.sessions += 1
             self.sessions_by_key[key] = self.sessions_by_key.get(key, 0) + 1
 
-    def close_session(self, key: str, conversation: Path | None = None) -> None:
+    def close_session(self, key: str) -> None:
         with self.lock:
             self.sessions -= 1
             self.sessions_by_key[key] -= 1
             if not self.sessions_by_key[key]:
                 del self.sessions_by_key[key]
-            if conversation is not None:
-                self.open_conversations.discard(conversation)
 
     def claim_conversation(self, path: Path) -> None:
         """One session at a time per saved conversation: two writers would each drop the other's turns."""
