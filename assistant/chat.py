@@ -47,6 +47,14 @@ class ChatSession:
             self.conversation.drop_last_user()
             raise
 
+    def reply(self, *, cancel: threading.Event | None = None) -> Reply:
+        """Answer the last user message, already in the history (a Realtime client's item). A failed reply removes
+        that message again, so the history is as it was before the turn."""
+        last = self.conversation.turns[-1] if self.conversation.turns else None
+        if last is None or last.role != "user":
+            raise ConversationError("there is no user message to answer; add one first")
+        return self._reply(continue_last=False, cancel=cancel, undo=self.conversation.drop_last_user)
+
     def regenerate(self, *, cancel: threading.Event | None = None) -> Reply:
         """Replace the last reply with a new one."""
         previous = self.conversation.drop_last_reply()

@@ -105,6 +105,19 @@ class Conversation:
         self._first_in_window = min(self._first_in_window, len(self.turns))
         return removed
 
+    def remove(self, index: int) -> Message:
+        """Remove the message at ``index`` of ``turns`` (a Realtime client deleting an item)."""
+        removed = self.turns.pop(index)
+        if index < self._first_in_window:
+            self._first_in_window -= 1
+        return removed
+
+    def replace(self, index: int, message: Message) -> None:
+        """Put ``message`` in place of ``turns[index]`` (a reply truncated to what was heard of it)."""
+        if message.role != self.turns[index].role:
+            raise ConversationError(f"message {index} is a {self.turns[index].role} message, not {message.role}")
+        self.turns[index] = message
+
     def reset(self) -> None:
         """Forget every turn; the system prompt and persona stay."""
         self.turns.clear()

@@ -62,6 +62,18 @@ class Endpointer:
             frame, self._pending = self._pending[:FRAME_SAMPLES], self._pending[FRAME_SAMPLES:]
             yield from self._frame(frame)
 
+    def current_speech(self) -> np.ndarray | None:
+        """The samples of the utterance in progress (pre-roll included), None when no speech has started; while
+        the latest frame is still speech (not in a pause that may end the utterance). For partial transcripts."""
+        if not self._started or self._silence_run:
+            return None
+        return np.concatenate(self._speech)
+
+    @property
+    def pad_samples(self) -> int:
+        """Samples of padding an utterance keeps after its last speech frame."""
+        return self._pad * FRAME_SAMPLES
+
     def flush(self) -> Iterator[Event]:
         """End of input: an utterance in progress ends here."""
         if self._speech and self._speech_frames >= self._min_speech:

@@ -112,6 +112,7 @@ class SpeechStarted:
     """The endpointer heard speech begin (long enough not to be a click): the moment to barge in."""
 
     at_s: float  # seconds into the source
+    item_id: str | None = None  # the user item this speech becomes (set by the voice session)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ class Utterance:
 
 @dataclass(frozen=True)
 class TurnMetrics:
-    """Latency of one voice turn, in milliseconds from the end of speech (the VAD's silence window included)."""
+    """Latency of one voice turn, in milliseconds from the end of speech (the VAD's silence window included).
+    ``speech_end_to_first_audio_ms`` is the figure voice agents quote: end of speech to the first byte of spoken
+    reply (None when the reply was text only or no audio was made)."""
 
     audio_s: float
     speech_end_to_transcript_ms: float
@@ -132,6 +135,138 @@ class TurnMetrics:
     speech_end_to_first_char_ms: float
     tokens_per_s: float
     cut: bool = False
+    speech_end_to_first_audio_ms: float | None = None
+
+
+# --- the voice session's events (assistant.session): typed, in the order they happen ----------------------------
+# Item ids name the messages of a conversation (a user turn, a reply), as the OpenAI Realtime API's conversation
+# items do; response ids name one reply's generation.
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    """The endpointer (or a commit) ended the user's turn; its audio goes to the recogniser as item ``item_id``."""
+
+    item_id: str
+    at_s: float  # seconds into the session's audio
+
+
+@dataclass(frozen=True)
+class TranscriptPartial:
+    """Words recognised so far while the user still speaks. ``delta`` extends what earlier partials of this item
+    said and is never taken back (words two successive hypotheses agree on); ``text`` is the whole current
+    hypothesis, which may still change."""
+
+    item_id: str
+    delta: str
+    text: str
+
+
+@dataclass(frozen=True)
+class TranscriptFinal:
+    """The user turn's transcript (empty: noise, no turn is taken)."""
+
+    item_id: str
+    text: str
+    audio_s: float
+    latency_ms: float  # end of speech -> transcript
+
+
+@dataclass(frozen=True)
+class TranscriptFailed:
+    item_id: str
+    error: Exception
+
+
+@dataclass(frozen=True)
+class ItemAdded:
+    """A message joined the conversation (a typed or spoken user turn, or a reply as it starts)."""
+
+    item_id: str
+    previous_item_id: str | None
+    message: Message
+
+
+@dataclass(frozen=True)
+class ItemDeleted:
+    item_id: str
+
+
+@dataclass(frozen=True)
+class ItemTruncated:
+    """A spoken reply was cut at ``audio_end_ms``: the history keeps only what was heard up to there."""
+
+    item_id: str
+    audio_end_ms: int
+    message: Message
+
+
+Modality = Literal["text", "audio"]
+
+
+@dataclass(frozen=True)
+class ReplyStarted:
+    response_id: str
+    item_id: str
+    modalities: tuple[Modality, ...]
+
+
+@dataclass(frozen=True)
+class ReplyTextDelta:
+    """Reply text as it streams: whole characters. With audio out it is the transcript of the audio."""
+
+    response_id: str
+    item_id: str
+    delta: str
+
+
+@dataclass(frozen=True)
+class ReplyAudio:
+    """One spoken sentence of the reply, as soon as it is synthesized (``audio`` at the synthesizer's rate)."""
+
+    response_id: str
+    item_id: str
+    audio: Audio
+
+
+@dataclass(frozen=True)
+class ReplyDone:
+    """The end of one reply. ``status``: completed | cancelled | incomplete (max tokens) | failed."""
+
+    response_id: str
+    item_id: str
+    text: str
+    status: Literal["completed", "cancelled", "incomplete", "failed"]
+    reason: str | None  # turn_detected | client_cancelled | max_output_tokens | an error code
+    stats: ReplyStats
+    metrics: TurnMetrics | None  # from the end of speech (spoken turns) or the request (typed); None if it failed
+    audio_s: float = 0.0  # seconds of reply audio produced
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class SessionError:
+    """Something that failed without ending the session (a bad request, the speech of one sentence)."""
+
+    error: Exception
+    event_id: str | None = None  # the client event that caused it
+
+
+SessionEvent = (
+    SpeechStarted
+    | SpeechStopped
+    | TranscriptPartial
+    | TranscriptFinal
+    | TranscriptFailed
+    | ItemAdded
+    | ItemDeleted
+    | ItemTruncated
+    | ReplyStarted
+    | ReplyTextDelta
+    | ReplyAudio
+    | ReplyDone
+    | SessionError
+)
 
 
 @dataclass(frozen=True)
@@ -154,11 +289,23 @@ class AudioSource(Protocol):
 
 
 class ReplySink(Protocol):
-    """Where a voice turn is shown or recorded."""
+    """Where a voice turn is shown, played or recorded (the console's outputs)."""
 
-    def transcript(self, text: str, utterance: Utterance) -> None: ...
+    def partial(self, text: str) -> None:
+        """The words recognised so far while the user still speaks (may change until the transcript)."""
+        ...
+
+    def transcript(self, text: str) -> None: ...
 
     def delta(self, text: str) -> None: ...
+
+    def audio(self, audio: Audio) -> None:
+        """One spoken sentence of the reply, to play after the ones before it."""
+        ...
+
+    def interrupted(self) -> None:
+        """The user spoke over the reply: stop playing it now."""
+        ...
 
     def turn_done(self, transcript: str, reply: str, metrics: TurnMetrics) -> None: ...
 

@@ -1,50 +1,50 @@
-"""The voice turn loop: audio source -> endpointing (VAD or push-to-talk) -> ASR -> chat -> sinks.
+"""The console's voice loop: a thin driver of the voice session (``assistant.session``).
 
-Two threads. The *ears* read the source and run the endpointer, so listening never stops, also while a reply
-streams: speech that starts during a reply cancels it (barge-in) and becomes the next turn. The main thread takes
-utterances one at a time: transcribes, sends the text to the chat session, streams the reply to every sink, and
-reports per-turn latency measured from the end of speech. A failing turn (ASR or LLM error) is reported and the
-session goes on; noise that transcribes to nothing takes no turn.
+The *ears* thread reads the audio source (microphone or files) and hands the pieces to the session on an asyncio
+loop; the session's events go to the sinks: the partial transcript updating in place, the transcript, the reply as it
+streams, its speech (``speaker`` sink), metrics. Everything a turn is (endpointing, partials, recognition, the chat
+turn, barge-in, voice out, what the history keeps of a cut reply) happens in the session, exactly as for WebSocket
+clients. A failing turn (ASR or LLM error) is reported and the session goes on; noise takes no turn.
 """
 
 from __future__ import annotations
 
-import queue
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
 
 import numpy as np
 
 from assistant import registry
 from assistant.asr.base import Transcriber
-from assistant.asr.text import apply_zh_script
 from assistant.chat import ChatSession
 from assistant.config import Config
 from assistant.endpointing import Endpointer
-from assistant.errors import AsrError, AssistantError, AudioSourceError
+from assistant.errors import AssistantError, AudioSourceError
 from assistant.messages import (
     SAMPLE_RATE,
     Audio,
     AudioSource,
     EndOfRecording,
+    ReplyAudio,
+    ReplyDone,
     ReplySink,
+    ReplyStarted,
+    ReplyTextDelta,
+    SessionError,
+    SessionEvent,
     SpeechStarted,
-    TurnMetrics,
+    TranscriptFailed,
+    TranscriptFinal,
+    TranscriptPartial,
     Utterance,
 )
-from assistant.pipeline import normalize_language
+from assistant.session import Segmenter, Services, SessionOptions, Synthesizer, VoiceSession
+from assistant.worker import ModelWorker
 
 _END = object()  # the ears are done
-
-
-class Segmenter(Protocol):
-    """Cuts a stream into utterances: the VAD endpointer or push-to-talk."""
-
-    def push(self, samples: np.ndarray) -> Iterator[SpeechStarted | Utterance]: ...
-
-    def flush(self) -> Iterator[SpeechStarted | Utterance]: ...
+WORKER_QUEUE = 64  # model jobs one console session may have waiting (files played fast queue their turns)
 
 
 class PushToTalk:
@@ -90,6 +90,8 @@ class PushToTalk:
 
 
 class VoiceChat:
+    """Voice turns from ``source`` until it ends, shown (and spoken) by ``sinks``."""
+
     def __init__(
         self,
         source: AudioSource,
@@ -99,6 +101,7 @@ class VoiceChat:
         sinks: Sequence[ReplySink],
         *,
         config: Config,
+        speech: Synthesizer | None = None,
     ) -> None:
         self.source = source
         self.segmenter = segmenter
@@ -106,9 +109,9 @@ class VoiceChat:
         self._transcriber = transcriber
         self._sinks = list(sinks)
         self._config = config
-        self._language = normalize_language(config.asr.language)
-        self._cancel = threading.Event()
-        self._replying = threading.Event()
+        self._speech = speech
+        self._replying = threading.Event()  # set while a reply streams (tests pace their sources on it)
+        self._last_transcript = ""
         self.source_error: AudioSourceError | None = None  # set when the source failed (device gone)
         self.turns = 0
 
@@ -121,105 +124,110 @@ class VoiceChat:
 
     def run(self) -> int:
         """Take turns until the source ends (or fails); returns the number of failed turns."""
-        events: queue.Queue[object] = queue.Queue()
-        ears = threading.Thread(target=self._listen, args=(events,), name="ears", daemon=True)
+        return asyncio.run(self._run())
+
+    async def _run(self) -> int:
+        worker = ModelWorker(WORKER_QUEUE)
+        speech_worker = ModelWorker(WORKER_QUEUE) if self._speech is not None else None
+        services = Services(self._transcriber, worker, self._speech, speech_worker,
+                            zh_script=self._config.asr.zh_script)  # fmt: skip
+        modalities = ("audio",) if self._speech is not None else ("text",)
+        options = SessionOptions.from_config(self._config, modalities=modalities, live=self.source.live)
+        voice = VoiceSession(self.session, services, options, self._on_event, vad=self._config.vad,
+                             segmenter=self.segmenter)  # fmt: skip
+        pieces: asyncio.Queue[object] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        ears = threading.Thread(target=self._listen, args=(loop, pieces), name="ears", daemon=True)
         ears.start()
-        failures = 0
+        source_failures = 0
         try:
-            while (event := events.get()) is not _END:
-                if isinstance(event, AudioSourceError):
-                    self.source_error = event
-                    self._tell("error", str(event))
-                    break
-                if isinstance(event, AssistantError):
-                    failures += 1
-                    self._tell("error", str(event))
-                elif isinstance(event, Utterance) and not self._turn(event):
-                    failures += 1
+            while (piece := await pieces.get()) is not _END:
+                try:
+                    if isinstance(piece, AudioSourceError):
+                        self.source_error = piece
+                        self._tell_error(str(piece))
+                        break
+                    if isinstance(piece, Exception):
+                        source_failures += 1
+                        self._tell_error(str(piece))
+                    elif isinstance(piece, EndOfRecording):
+                        await voice.commit()
+                    else:
+                        await voice.push_audio(piece)  # type: ignore[arg-type]
+                except AssistantError as exc:
+                    source_failures += 1
+                    self._tell_error(str(exc))
+            await voice.commit()
+            await voice.drain()
         finally:
             self.source.close()
-        return failures
+            await voice.close()
+            worker.close()
+            if speech_worker is not None:
+                speech_worker.close()
+        return voice.failures + source_failures
 
-    # --- the ears ------------------------------------------------------------------------------------------------
+    # --- the ears ----------------------------------------------------------------------------------------------------
 
-    def _listen(self, events: queue.Queue[object]) -> None:
+    def _listen(self, loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue[object]) -> None:
+        def put(item: object) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+
         try:
             for item in self.source.chunks():
-                if isinstance(item, EndOfRecording):
-                    self._heard(self.segmenter.flush(), events)
-                elif isinstance(item, Exception):
-                    events.put(item)
-                else:
-                    self._heard(self.segmenter.push(item), events)
-            self._heard(self.segmenter.flush(), events)
+                put(item)
         except AudioSourceError as exc:
-            events.put(exc)
+            put(exc)
         except Exception as exc:  # a capture library failing in an unexpected way ends listening, not the program
-            events.put(AudioSourceError(f"audio capture failed: {type(exc).__name__}: {exc}"))
+            put(AudioSourceError(f"audio capture failed: {type(exc).__name__}: {exc}"))
         finally:
-            events.put(_END)
+            put(_END)
 
-    def _heard(self, found: Iterator[SpeechStarted | Utterance], events: queue.Queue[object]) -> None:
-        for event in found:
-            if isinstance(event, SpeechStarted):
-                if self._replying.is_set() and self._config.input.barge_in and self.source.live:
-                    self._cancel.set()  # barge-in: the reply stops within a token, the new speech is the next turn
-            else:
-                events.put(event)
+    # --- session events -> sinks -------------------------------------------------------------------------------------
 
-    # --- one turn ------------------------------------------------------------------------------------------------
-
-    def _turn(self, utterance: Utterance) -> bool:
-        # live audio: latency counts from the end of speech; files played fast: from when the turn is taken
-        started = utterance.speech_end_clock if self.source.live else time.monotonic()
-        try:
-            text = self._transcribe(utterance.audio)
-        except AssistantError as exc:
-            self._tell("error", str(exc))
-            return False
-        transcribed = time.monotonic()
-        if not text:
-            self._tell("notice", f"(heard {utterance.audio.duration_s:.1f} s of sound but no words; no turn taken)")
-            return True
-        for sink in self._sinks:
-            sink.transcript(text, utterance)
-        self._cancel.clear()
-        self._replying.set()
-        first_char = 0.0
-        try:
-            reply = self.session.send(text, cancel=self._cancel)
-            for delta in reply:
-                first_char = first_char or time.monotonic()
+    async def _on_event(self, event: SessionEvent) -> None:
+        if isinstance(event, SpeechStarted):
+            if self._config.input.barge_in and self.source.live:
                 for sink in self._sinks:
-                    sink.delta(delta)
-        except AssistantError as exc:
-            self._tell("error", str(exc))
-            return False
-        finally:
+                    sink.interrupted()  # whatever is being said is stale now
+        elif isinstance(event, TranscriptPartial):
+            for sink in self._sinks:
+                sink.partial(event.text)
+        elif isinstance(event, TranscriptFinal):
+            self._transcribed(event)
+        elif isinstance(event, TranscriptFailed | SessionError):
+            self._tell_error(str(event.error))
+        elif isinstance(event, ReplyStarted):
+            self._replying.set()
+        elif isinstance(event, ReplyTextDelta):
+            for sink in self._sinks:
+                sink.delta(event.delta)
+        elif isinstance(event, ReplyAudio):
+            for sink in self._sinks:
+                sink.audio(event.audio)
+        elif isinstance(event, ReplyDone):
             self._replying.clear()
-        first_char = first_char or time.monotonic()
-        metrics = TurnMetrics(
-            audio_s=utterance.audio.duration_s,
-            speech_end_to_transcript_ms=(transcribed - started) * 1000,
-            transcript_to_first_char_ms=(first_char - transcribed) * 1000,
-            speech_end_to_first_char_ms=(first_char - started) * 1000,
-            tokens_per_s=reply.stats.decode_tokens_per_s,
-            cut=reply.stats.finish_reason == "cancelled",
-        )
+            self._reply_done(event)
+
+    def _transcribed(self, event: TranscriptFinal) -> None:
+        if not event.text:
+            for sink in self._sinks:
+                sink.notice(f"(heard {event.audio_s:.1f} s of sound but no words; no turn taken)")
+            return
+        self._last_transcript = event.text
+        for sink in self._sinks:
+            sink.transcript(event.text)
+
+    def _reply_done(self, event: ReplyDone) -> None:
+        if event.status == "failed":
+            self._tell_error(str(event.error))
+            return
+        if event.metrics is None:
+            return
         self.turns += 1
         for sink in self._sinks:
-            sink.turn_done(text, reply.text, metrics)
-        return True
+            sink.turn_done(self._last_transcript, event.text, event.metrics)
 
-    def _transcribe(self, audio: Audio) -> str:
-        try:
-            transcript = self._transcriber.transcribe_many([audio], language=self._language, timestamps=False)[0]
-        except AssistantError:
-            raise
-        except Exception as exc:
-            raise AsrError(f"transcription failed: {type(exc).__name__}: {exc}") from exc
-        return apply_zh_script(transcript, self._config.asr.zh_script).text.strip()
-
-    def _tell(self, kind: str, message: str) -> None:
+    def _tell_error(self, message: str) -> None:
         for sink in self._sinks:
-            getattr(sink, kind)(message)
+            sink.error(message)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from assistant import registry
 from assistant.chat import ChatSession
 from assistant.config import Config
+from assistant.tts.base import Speech
 from assistant.voice import PushToTalk, VoiceChat
 
 
@@ -20,7 +21,9 @@ def run_voice(config: Config, session: ChatSession, audio: Sequence[str], *, ver
     else:
         source = registry.create("source", "microphone", config.input)
     transcriber = registry.create("asr", config.asr.backend, config.asr)
-    voice = VoiceChat(source, VoiceChat.build_segmenter(config), transcriber, session, sinks, config=config)
+    speech = Speech.from_config(config.tts) if "speaker" in config.output.sinks else None  # the reply is spoken
+    voice = VoiceChat(source, VoiceChat.build_segmenter(config), transcriber, session, sinks, config=config,
+                      speech=speech)  # fmt: skip
     if isinstance(voice.segmenter, PushToTalk):
         _keyboard_toggles(voice.segmenter)
     if not audio:

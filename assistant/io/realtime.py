@@ -1,10 +1,12 @@
-"""The WebSocket session (``/v1/realtime``): events named after the OpenAI Realtime API; see docs/protocol.md.
+"""``/v1/realtime``: the OpenAI Realtime API (GA) over WebSocket, as a thin driver of the voice session.
 
-One conversation per connection. Audio comes in as PCM16 mono 16 kHz (base64 in ``input_audio_buffer.append`` or
-binary frames); with server VAD (the default) the session cuts turns itself, otherwise the client commits. Typed turns
-are ``conversation.item.create`` + ``response.create``. While a reply streams, the receive loop keeps reading: a
-``response.cancel`` or speech (barge-in) stops it within a token. Every bad message gets an ``error`` event and the
-session goes on; nothing one session does reaches another.
+A client of the Realtime API (the official ``openai`` SDK's ``client.realtime.connect``, frameworks built on it,
+browser demos) points its ``websocket_base_url`` at this server and works unchanged: GA event names and fields out;
+GA and beta shapes of ``session.update`` in. This module only translates: client events become calls on
+``assistant.session.VoiceSession`` and its typed events become server events. Audio formats: ``audio/pcm`` (PCM16
+mono, 24 kHz by default as in the API; other rates accepted and resampled with soxr), ``audio/pcmu`` and
+``audio/pcma`` (G.711, 8 kHz). docs/protocol.md is the compatibility table: every GA event, supported, accepted and
+ignored, or refused. Every bad message gets an ``error`` event naming it, and the session goes on.
 """
 
 from __future__ import annotations
@@ -17,45 +19,89 @@ import dataclasses
 import hashlib
 import json
 import re
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from assistant.config import VadConfig, build
+from assistant.config import SamplingConfig, build
 from assistant.conversation import Conversation
-from assistant.endpointing import Endpointer
-from assistant.errors import AsrError, AssistantError, AuthError, ConfigError, LimitError, OutputError
-from assistant.llm.base import generation_failed
-from assistant.messages import SAMPLE_RATE, Audio, SpeechStarted, Utterance
+from assistant.errors import AssistantError, AuthError, ConfigError, LimitError, OutputError
+from assistant.messages import (
+    SAMPLE_RATE,
+    Audio,
+    ItemAdded,
+    ItemDeleted,
+    ItemTruncated,
+    Message,
+    ReplyAudio,
+    ReplyDone,
+    ReplyStarted,
+    ReplyTextDelta,
+    SessionError,
+    SessionEvent,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptFailed,
+    TranscriptFinal,
+    TranscriptPartial,
+)
+from assistant.session import ResponseOptions, SessionOptions, TurnDetection, VoiceSession
 
 CLOSE_POLICY = 1008  # WebSocket close code: policy violation (bad origin, no key)
 CLOSE_TRY_LATER = 1013
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a file name under server.conversation_dir, nothing more
+DEFAULT_PCM_RATE = 24_000  # Hz: the Realtime API's audio/pcm
+G711_RATE = 8_000  # Hz: audio/pcmu and audio/pcma
+AUDIO_DELTA_S = 0.2  # reply audio is sent in pieces of this length
+SEND_TIMEOUT_S = 30.0  # a client that reads nothing for this long is treated as gone
+# names the Realtime API defines that this server accepts and ignores (they change nothing here)
+IGNORED_SESSION_KEYS = {"object", "id", "expires_at", "include", "tracing", "truncation", "client_secret",
+                        "parallel_tool_calls", "reasoning"}  # fmt: skip
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
+                 "marin", "cedar")  # fmt: skip
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+EAGERNESS_SILENCE_MS = {"low": 1000, "medium": 600, "auto": 600, "high": 300}  # semantic_vad mapped to silence
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioFormat:
+    """An audio format of the session: ``audio/pcm`` at ``rate``, or G.711 ``audio/pcmu`` / ``audio/pcma``."""
+
+    type: str = "audio/pcm"
+    rate: int = DEFAULT_PCM_RATE
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.type, "rate": self.rate} if self.type == "audio/pcm" else {"type": self.type}
 
 
 class RealtimeSession:
+    """One WebSocket connection: authentication, limits and saving around one VoiceSession."""
+
     def __init__(self, services: Any, websocket: Any) -> None:
         from assistant.io.server import new_session
 
         self._services = services
         self._config = services.config
         self._ws = websocket
-        self._chat = new_session(services)
-        self._language = self._config.asr.language
-        self._server_vad = True
-        self._endpointer: Endpointer | None = None
-        self._buffer: list[np.ndarray] = []  # audio since the last turn (manual commit mode)
-        self._response: asyncio.Task[None] | None = None
-        self._cancel = threading.Event()
-        self._pending_text: str | None = None
+        self._session_id = f"sess_{uuid.uuid4().hex[:20]}"
+        self._input = AudioFormat()
+        self._output = AudioFormat()
+        self._resampler: Any = None
         self._send_lock = asyncio.Lock()
         self._saved_as: Path | None = None  # server.conversation_dir/<id>.json
+        self._announced: set[str] = set()  # items already sent in conversation.item.added
+        self._audio_items: set[str] = set()  # items made of speech (input_audio / output_audio content)
+        self._responses: dict[str, tuple[tuple[str, ...], float, float, float]] = {}  # id -> modalities, clocks
+        self._gone = False
+        options = SessionOptions.from_config(self._config, modalities=tuple(self._config.server.output_modalities))
+        self.voice = VoiceSession(new_session(services), services.session_services(), options, self._on_event,
+                                  vad=self._config.vad)  # fmt: skip
 
     # --- connection --------------------------------------------------------------------------------------------------
 
@@ -75,7 +121,10 @@ class RealtimeSession:
             return
         try:
             self._saved_as = self._resume(self._ws.query_params.get("conversation"), key)
+            self._check_model(self._ws.query_params.get("model"))
         except AssistantError as exc:
+            if self._saved_as is not None:
+                self._services.release_conversation(self._saved_as)
             self._services.close_session(key)
             await self._error(exc)
             await self._ws.close(code=CLOSE_POLICY)
@@ -88,12 +137,18 @@ class RealtimeSession:
             with contextlib.suppress(RuntimeError, ConnectionError):  # the client may be gone already
                 await self._ws.close(code=CLOSE_INTERNAL_ERROR)
         finally:
-            self._cancel.set()
-            if self._response is not None:
-                await asyncio.gather(self._response, return_exceptions=True)
+            self._gone = True
+            await self.voice.close()
             if self._saved_as is not None:
                 self._services.release_conversation(self._saved_as)
             self._services.close_session(key)
+
+    def _check_model(self, model: str | None) -> None:
+        """``?model=``: any name works (clients send gpt-realtime); a name of one of our models must be loaded."""
+        known = {self._config.llm.model, self._config.asr.model}
+        if model and model.startswith(("whisper", "qwen", "smollm")) and model not in known:
+            raise ConfigError(f"?model={model}: this server has {', '.join(sorted(known))}; use one of those or "
+                              "leave model out")  # fmt: skip
 
     def _resume(self, requested: str | None, key: str) -> Path | None:
         """With ``server.conversation_dir``: the file this session's conversation is saved to after every turn,
@@ -112,10 +167,12 @@ class RealtimeSession:
         self._services.claim_conversation(path)
         if path.is_file():
             try:
-                self._chat.resume(Conversation.load(path))
+                self.voice.chat.resume(Conversation.load(path))
             except AssistantError:
                 self._services.release_conversation(path)
                 raise
+            turns = len(self.voice.chat.conversation.turns)
+            self.voice.items[:] = [f"item_{conversation_id[:8]}_{i}" for i in range(turns)]
         return path
 
     async def _save(self) -> None:
@@ -123,7 +180,7 @@ class RealtimeSession:
         if self._saved_as is None:
             return
         try:
-            await asyncio.to_thread(self._chat.conversation.save, self._saved_as)
+            await asyncio.to_thread(self.voice.chat.conversation.save, self._saved_as)
         except AssistantError as exc:
             await self._error(OutputError(f"the reply was not saved: {exc.message}"))
 
@@ -162,7 +219,7 @@ class RealtimeSession:
             try:
                 message = await asyncio.wait_for(self._ws.receive(), timeout=idle_s)
             except TimeoutError:
-                if self._response is not None and not self._response.done():
+                if self.voice.replying:
                     continue  # a long reply is still streaming to a client that has nothing to say
                 await self._error(LimitError(f"no message for {idle_s:g} s (server.idle_timeout_s); session closed"))
                 await self._ws.close(code=CLOSE_GOING_AWAY)
@@ -173,210 +230,641 @@ class RealtimeSession:
                 return
             data, text = message.get("bytes"), message.get("text")
             size = len(data) if data is not None else len((text or "").encode())
+            event_id = None
             try:
                 if size > limit:
                     raise LimitError(f"message of {size} bytes is over server.max_message_kb ({limit // 1024} KB)")
                 if data is not None:
-                    await self._audio(_pcm16(data))
+                    await self.voice.push_audio(self._decode(data))
                 else:
-                    await self._event(text or "")
+                    event = parse_event(text or "")
+                    event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+                    await self._event(event)
             except AssistantError as exc:
-                await self._error(exc)
+                await self._error(exc, event_id)
 
-    # --- events ------------------------------------------------------------------------------------------------------
+    # --- client events -----------------------------------------------------------------------------------------------
 
-    async def _event(self, text: str) -> None:
-        event = parse_event(text)
+    async def _event(self, event: dict[str, Any]) -> None:
         kind = event["type"]
-        if kind == "input_audio_buffer.append":
-            audio = event.get("audio")
-            if not isinstance(audio, str):
-                raise ConfigError("input_audio_buffer.append needs 'audio': base64 PCM16 mono 16 kHz")
-            try:
-                raw = base64.b64decode(audio, validate=True)
-            except (binascii.Error, ValueError):
-                raise ConfigError("input_audio_buffer.append: 'audio' is not valid base64") from None
-            await self._audio(_pcm16(raw))
-        elif kind == "input_audio_buffer.commit":
-            await self._commit()
-        elif kind == "input_audio_buffer.clear":
-            self._buffer, self._endpointer = [], None
-        elif kind == "conversation.item.create":
-            self._pending_text = _item_text(event.get("item"))
-        elif kind == "response.create":
-            if self._pending_text is None:
-                raise ConfigError("response.create: add a user message first (conversation.item.create or audio)")
-            text, self._pending_text = self._pending_text, None
-            await self._respond(text, time.monotonic())
-        elif kind == "response.cancel":
-            self._cancel.set()
-        elif kind == "session.update":
-            await self._update(event.get("session"))
-        else:
-            raise ConfigError(
-                f"unknown event type {kind!r}; the session understands session.update, input_audio_buffer.append, "
-                "input_audio_buffer.commit, input_audio_buffer.clear, conversation.item.create, response.create, "
-                "response.cancel"
-            )
+        handler = self._handlers().get(kind)
+        if handler is None:
+            refused = REFUSED_CLIENT_EVENTS.get(kind)
+            if refused:
+                raise ConfigError(f"{kind}: {refused}")
+            raise ConfigError(f"unknown event type {kind!r}; see docs/protocol.md for the events this server takes")
+        await handler(event)
 
-    async def _update(self, session: Any) -> None:
+    def _handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {
+            "session.update": self._session_update,
+            "input_audio_buffer.append": self._append,
+            "input_audio_buffer.commit": self._commit,
+            "input_audio_buffer.clear": self._clear,
+            "conversation.item.create": self._item_create,
+            "conversation.item.delete": self._item_delete,
+            "conversation.item.truncate": self._item_truncate,
+            "conversation.item.retrieve": self._item_retrieve,
+            "response.create": self._response_create,
+            "response.cancel": self._response_cancel,
+        }
+
+    async def _append(self, event: dict[str, Any]) -> None:
+        audio = event.get("audio")
+        if not isinstance(audio, str):
+            raise ConfigError(f"input_audio_buffer.append needs 'audio': base64 {self._describe_input()}")
+        try:
+            raw = base64.b64decode(audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError("input_audio_buffer.append: 'audio' is not valid base64") from None
+        await self.voice.push_audio(self._decode(raw))
+
+    async def _commit(self, event: dict[str, Any]) -> None:
+        await self.voice.commit()
+
+    async def _clear(self, event: dict[str, Any]) -> None:
+        self.voice.clear_audio()
+        await self._send({"type": "input_audio_buffer.cleared"})
+
+    async def _item_create(self, event: dict[str, Any]) -> None:
+        message = _item_message(event.get("item"))
+        item = event.get("item")
+        requested_id = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
+        if requested_id is not None and requested_id in self.voice.items:
+            raise ConfigError(f"conversation.item.create: an item with id {requested_id!r} exists already")
+        await self.voice.add_message(message, item_id=requested_id)
+
+    async def _item_delete(self, event: dict[str, Any]) -> None:
+        await self.voice.delete(_string(event, "item_id", "conversation.item.delete"))
+        await self._save()
+
+    async def _item_truncate(self, event: dict[str, Any]) -> None:
+        item_id = _string(event, "item_id", "conversation.item.truncate")
+        audio_end_ms = event.get("audio_end_ms")
+        if not isinstance(audio_end_ms, int) or isinstance(audio_end_ms, bool):
+            raise ConfigError("conversation.item.truncate needs 'audio_end_ms': milliseconds of the item's audio "
+                              "the user heard")  # fmt: skip
+        if event.get("content_index", 0) != 0:
+            raise ConfigError("conversation.item.truncate: content_index must be 0 (a reply has one audio part)")
+        await self.voice.truncate(item_id, audio_end_ms)
+        await self._save()
+
+    async def _item_retrieve(self, event: dict[str, Any]) -> None:
+        item_id = _string(event, "item_id", "conversation.item.retrieve")
+        item = self._item(item_id, self.voice.item(item_id), "completed")
+        await self._send({"type": "conversation.item.retrieved", "item": item})
+
+    async def _response_create(self, event: dict[str, Any]) -> None:
+        response = event.get("response") or {}
+        if not isinstance(response, dict):
+            raise ConfigError("response.create: 'response' must be an object")
+        if response.get("conversation", "auto") not in ("auto", None):
+            raise ConfigError("response.create: only conversation 'auto' (the session's own) is supported")
+        if response.get("input"):
+            raise ConfigError("response.create: 'input' (out-of-band items) is not supported; add items with "
+                              "conversation.item.create")  # fmt: skip
+        if response.get("tools"):
+            raise ConfigError("response.create: 'tools' (function calling) is not supported by this server")
+        voice = ((response.get("audio") or {}).get("output") or {}).get("voice", response.get("voice"))
+        modalities = response.get("output_modalities", response.get("modalities"))
+        options = ResponseOptions(
+            modalities=_modalities(modalities, "response.create") if modalities is not None else None,
+            instructions=_optional_string(response, "instructions", "response.create"),
+            max_output_tokens=_max_tokens(response.get("max_output_tokens", response.get("max_response_output_tokens")),
+                                          "response.create"),
+            voice=self._checked_voice(voice) if voice is not None else None,
+        )  # fmt: skip
+        if options.modalities is not None and "audio" in options.modalities:
+            self._require_speech()
+        await self.voice.respond(options, started=time.monotonic())
+
+    async def _response_cancel(self, event: dict[str, Any]) -> None:
+        if not self.voice.cancel("client_cancelled"):
+            await self._error(ConfigError("response.cancel: no response is in progress"), event.get("event_id"),
+                              code="response_cancel_not_active")  # fmt: skip
+
+    # --- session.update ----------------------------------------------------------------------------------------------
+
+    async def _session_update(self, event: dict[str, Any]) -> None:
+        session = event.get("session")
         if not isinstance(session, dict):
             raise ConfigError("session.update needs a 'session' object")
-        if "instructions" in session:
-            self._chat.conversation.system = str(session["instructions"]) or None
-        if "language" in session:
-            self._language = self._checked_language(session["language"])
-        if "turn_detection" in session:
-            self._server_vad = session["turn_detection"] is not None
-        sampling = {k: session[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
-                    if k in session}  # fmt: skip
-        if "max_response_output_tokens" in session:
-            sampling["max_new_tokens"] = session["max_response_output_tokens"]
-        if sampling:
-            values = dataclasses.asdict(self._chat.sampling) | sampling
-            self._chat.sampling = build(type(self._chat.sampling), values, "session")
+        update = _SessionUpdate(self, session)
+        update.parse()
+        update.apply()
         await self._send({"type": "session.updated", "session": self._describe()})
 
-    def _checked_language(self, language: Any) -> str | None:
-        from assistant.asr.base import language_error
-        from assistant.pipeline import normalize_language
+    def _checked_voice(self, voice: Any) -> str:
+        if isinstance(voice, dict):
+            voice = voice.get("id")
+        if not isinstance(voice, str):
+            raise ConfigError("voice: give a voice name (auto, piper, espeak-ng, espeak-ng:VOICE, or an OpenAI name)")
+        speech = self._services.speech
+        if speech is None:
+            return voice
+        return "auto" if voice in OPENAI_VOICES else str(speech.check_voice(voice))
 
-        if language is not None and not isinstance(language, str):
-            raise ConfigError("session.update: 'language' must be a language code such as 'zh' or 'en', or null")
-        code = normalize_language(language)
-        if code and not self._services.transcription.transcriber.supports_language(code):
-            raise ConfigError(f"session.update: {language_error(code, self._config.asr.model)}")
-        return code
+    def _require_speech(self) -> None:
+        if self._services.speech is None:
+            raise ConfigError("output_modalities ['audio']: this server has no voice out (install the tts extra: "
+                              "pip install 'assistant[tts]'); use ['text']")  # fmt: skip
+
+    def _describe_input(self) -> str:
+        if self._input.type == "audio/pcm":
+            return f"PCM16 mono at {self._input.rate} Hz"
+        return f"G.711 {self._input.type} at 8 kHz"
 
     def _describe(self) -> dict[str, Any]:
+        options, chat = self.voice.options, self.voice.chat
+        detection = options.turn_detection
+        sampling = chat.sampling
         return {
+            "type": "realtime", "object": "realtime.session", "id": self._session_id,
+            "model": self._config.llm.model, "output_modalities": list(options.modalities),
+            "instructions": chat.conversation.system or "",
+            "audio": {
+                "input": {
+                    "format": self._input.describe(), "noise_reduction": None,
+                    "transcription": {"model": self._config.asr.model, "language": options.language,
+                                      "prompt": options.transcription_prompt},
+                    "turn_detection": None if detection is None else {
+                        "type": "server_vad", "threshold": detection.threshold,
+                        "silence_duration_ms": detection.silence_duration_ms,
+                        "prefix_padding_ms": detection.prefix_padding_ms,
+                        "create_response": detection.create_response,
+                        "interrupt_response": detection.interrupt_response, "idle_timeout_ms": None},
+                },
+                "output": {"format": self._output.describe(), "voice": options.voice, "speed": options.speed},
+            },
+            "max_output_tokens": sampling.max_new_tokens, "tools": [], "tool_choice": "auto",
+            "tracing": None, "truncation": "auto", "prompt": None, "include": None,
+            # extras of this server
             "conversation_id": self._saved_as.stem if self._saved_as is not None else None,
-            "history_messages": len(self._chat.conversation.messages()),
-            "model": self._config.llm.model, "transcription_model": self._config.asr.model,
-            "instructions": self._chat.conversation.system, "language": self._language,
-            "turn_detection": {"type": "server_vad"} if self._server_vad else None,
-            "temperature": self._chat.sampling.temperature,
-            "max_response_output_tokens": self._chat.sampling.max_new_tokens,
-            "input_audio_format": "pcm16", "sample_rate": SAMPLE_RATE,
+            "history_messages": len(chat.conversation.messages()),
+            "sampling": {key: getattr(sampling, key) for key in SAMPLING_KEYS},
         }  # fmt: skip
 
-    # --- audio and turns ---------------------------------------------------------------------------------------------
+    # --- audio in and out --------------------------------------------------------------------------------------------
 
-    async def _audio(self, samples: np.ndarray) -> None:
-        if not self._server_vad:
-            self._buffer.append(samples)
-            if sum(len(b) for b in self._buffer) > self._config.server.max_turn_audio_s * SAMPLE_RATE:
-                self._buffer = []
-                raise LimitError(f"the turn is over server.max_turn_audio_s ({self._config.server.max_turn_audio_s} s)")
-            return
-        # the VAD model runs in a thread: on the event loop, every session's frames would delay all other sessions'
-        # events and their keepalive pongs
-        endpointer = self._endpointer or await asyncio.to_thread(self._new_endpointer)
-        for event in await asyncio.to_thread(lambda: list(endpointer.push(samples))):
-            await self._segmented(event)
+    def _decode(self, data: bytes) -> np.ndarray:
+        """Client audio in the session's input format as 16 kHz float32."""
+        if self._input.type == "audio/pcmu":
+            from assistant.tts.encode import decode_pcmu
 
-    def _new_endpointer(self) -> Endpointer:
-        from assistant import registry
+            return self._to_16k(decode_pcmu(data), G711_RATE)
+        if self._input.type == "audio/pcma":
+            from assistant.tts.encode import decode_pcma
 
-        vad_config: VadConfig = self._config.vad
-        detector = registry.create("vad", vad_config.backend, vad_config)
-        max_s = min(self._config.input.max_utterance_s, self._config.server.max_turn_audio_s)
-        self._endpointer = Endpointer(detector.frame_probability(), vad_config, max_utterance_s=max_s)
-        return self._endpointer
+            return self._to_16k(decode_pcma(data), G711_RATE)
+        if len(data) % 2:
+            raise ConfigError(f"audio must be PCM16 (2 bytes per sample); got an odd number of bytes ({len(data)})")
+        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+        return self._to_16k(samples, self._input.rate)
 
-    async def _segmented(self, event: SpeechStarted | Utterance) -> None:
+    def _to_16k(self, samples: np.ndarray, rate: int) -> np.ndarray:
+        if rate == SAMPLE_RATE:
+            return samples
+        if self._resampler is None:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
+        return np.asarray(self._resampler.resample_chunk(samples.astype(np.float32)), dtype=np.float32)
+
+    def set_input_format(self, audio_format: AudioFormat) -> None:
+        if audio_format != self._input:
+            self._input, self._resampler = audio_format, None
+
+    def _encode(self, audio: Audio) -> bytes:
+        from assistant.tts.encode import pcm16, pcma, pcmu, resample
+
+        if self._output.type == "audio/pcm":
+            return pcm16(resample(audio, self._output.rate).samples)
+        samples = resample(audio, G711_RATE).samples
+        return pcmu(samples) if self._output.type == "audio/pcmu" else pcma(samples)
+
+    # --- session events -> server events -----------------------------------------------------------------------------
+
+    async def _on_event(self, event: SessionEvent) -> None:
         if isinstance(event, SpeechStarted):
-            if self._response is not None and not self._response.done():
-                self._cancel.set()  # barge-in
-            await self._send({"type": "input_audio_buffer.speech_started", "audio_start_ms": int(event.at_s * 1000)})
-            return
-        await self._send({"type": "input_audio_buffer.speech_stopped",
-                          "audio_end_ms": int(event.audio.end_s * 1000)})  # fmt: skip
-        await self._turn(event.audio, event.speech_end_clock)
+            await self._send({"type": "input_audio_buffer.speech_started", "item_id": event.item_id,
+                              "audio_start_ms": round(event.at_s * 1000)})  # fmt: skip
+        elif isinstance(event, SpeechStopped):
+            await self._speech_stopped(event)
+        elif isinstance(event, TranscriptPartial):
+            await self._send({"type": "conversation.item.input_audio_transcription.delta", "item_id": event.item_id,
+                              "content_index": 0, "delta": event.delta, "text": event.text})  # fmt: skip
+        elif isinstance(event, TranscriptFinal):
+            await self._transcript(event)
+        elif isinstance(event, TranscriptFailed):
+            error = event.error
+            await self._send({"type": "conversation.item.input_audio_transcription.failed", "item_id": event.item_id,
+                              "content_index": 0, "error": _error_fields(error)})  # fmt: skip
+            await self._error(error if isinstance(error, AssistantError) else AssistantError(str(error)))
+        elif isinstance(event, ItemAdded):
+            await self._item_added(event)
+        elif isinstance(event, ItemDeleted):
+            self._announced.discard(event.item_id)
+            await self._send({"type": "conversation.item.deleted", "item_id": event.item_id})
+        elif isinstance(event, ItemTruncated):
+            await self._send({"type": "conversation.item.truncated", "item_id": event.item_id, "content_index": 0,
+                              "audio_end_ms": event.audio_end_ms})  # fmt: skip
+        elif isinstance(event, ReplyStarted):
+            await self._reply_started(event)
+        elif isinstance(event, ReplyTextDelta):
+            await self._reply_text(event)
+        elif isinstance(event, ReplyAudio):
+            await self._reply_audio(event)
+        elif isinstance(event, ReplyDone):
+            await self._reply_done(event)
+        elif isinstance(event, SessionError):
+            error = event.error
+            await self._error(error if isinstance(error, AssistantError) else AssistantError(str(error)),
+                              event.event_id)  # fmt: skip
 
-    async def _commit(self) -> None:
-        if self._server_vad and self._endpointer is not None:
-            for event in list(self._endpointer.flush()):
-                await self._segmented(event)
-            return
-        if not self._buffer:
-            raise ConfigError("input_audio_buffer.commit: the buffer is empty; append audio first")
-        samples, self._buffer = np.concatenate(self._buffer), []
-        await self._send({"type": "input_audio_buffer.committed"})
-        await self._turn(Audio(samples), time.monotonic())
+    async def _speech_stopped(self, event: SpeechStopped) -> None:
+        previous = self.voice.items[-1] if self.voice.items else None
+        await self._send({"type": "input_audio_buffer.speech_stopped", "item_id": event.item_id,
+                          "audio_end_ms": round(event.at_s * 1000)})  # fmt: skip
+        await self._send({"type": "input_audio_buffer.committed", "item_id": event.item_id,
+                          "previous_item_id": previous})  # fmt: skip
+        self._audio_items.add(event.item_id)
+        self._announced.add(event.item_id)
+        item = self._item(event.item_id, Message("user", ""), "in_progress", transcript=None)
+        await self._send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
 
-    async def _turn(self, audio: Audio, speech_end: float) -> None:
-        services = self._services
-        language = self._language
-        transcriber = services.transcription.transcriber
+    async def _transcript(self, event: TranscriptFinal) -> None:
+        await self._send({"type": "conversation.item.input_audio_transcription.completed", "item_id": event.item_id,
+                          "content_index": 0, "transcript": event.text,
+                          "usage": {"type": "duration", "seconds": round(event.audio_s, 3)},
+                          "audio_s": round(event.audio_s, 3), "latency_ms": round(event.latency_ms)})  # fmt: skip
+        if not event.text:  # noise: the announced item is gone, no turn is taken
+            self._announced.discard(event.item_id)
+            await self._send({"type": "conversation.item.deleted", "item_id": event.item_id})
 
-        def transcribe_many(audios: list[Audio]) -> list[str]:
-            results = transcriber.transcribe_many(audios, language=language, timestamps=False)
-            return [result.text.strip() for result in results]
+    async def _item_added(self, event: ItemAdded) -> None:
+        item = self._item(event.item_id, event.message, "incomplete" if event.message.cut else "completed")
+        if event.item_id not in self._announced:
+            self._announced.add(event.item_id)
+            await self._send({"type": "conversation.item.added", "previous_item_id": event.previous_item_id,
+                              "item": item})  # fmt: skip
+        await self._send({"type": "conversation.item.done", "previous_item_id": event.previous_item_id, "item": item})
 
-        # utterances of several sessions waiting together are transcribed in one batch (whisper-hf batches them)
-        try:
-            text = await services.worker.batch(("asr", language), audio, transcribe_many, limit=transcriber.batch_size)
-        except AssistantError:
-            raise
-        except Exception as exc:  # the recogniser failed on this turn only: say so, keep the session
-            raise AsrError(f"transcription failed: {type(exc).__name__}: {exc}") from None
-        if not text:
-            return  # noise: no turn
-        await self._send({"type": "conversation.item.input_audio_transcription.completed", "transcript": text,
-                          "audio_s": round(audio.duration_s, 3),
-                          "latency_ms": round((time.monotonic() - speech_end) * 1000)})  # fmt: skip
-        await self._respond(text, speech_end)
+    async def _reply_started(self, event: ReplyStarted) -> None:
+        spoken = "audio" in event.modalities
+        self._responses[event.response_id] = (event.modalities, time.monotonic(), 0.0, 0.0)
+        if spoken:
+            self._audio_items.add(event.item_id)
+        self._announced.add(event.item_id)
+        item = self._item(event.item_id, Message("assistant", ""), "in_progress")
+        await self._send({"type": "response.created", "response": self._response(event.response_id, "in_progress",
+                                                                                 event.modalities)})  # fmt: skip
+        await self._send({"type": "response.output_item.added", "response_id": event.response_id, "output_index": 0,
+                          "item": item})  # fmt: skip
+        previous = self.voice.items[-1] if self.voice.items else None
+        await self._send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
+        part = {"type": "audio", "transcript": ""} if spoken else {"type": "text", "text": ""}
+        await self._send({"type": "response.content_part.added", **self._where(event), "part": part})
 
-    async def _respond(self, text: str, started: float) -> None:
-        if self._response is not None and not self._response.done():
-            self._cancel.set()
-            await asyncio.gather(self._response, return_exceptions=True)
-        self._cancel = threading.Event()
-        self._response = asyncio.create_task(self._stream_reply(text, started, self._cancel))
+    async def _reply_text(self, event: ReplyTextDelta) -> None:
+        modalities, started, first_char, first_audio = self._responses[event.response_id]
+        if not first_char:
+            self._responses[event.response_id] = (modalities, started, time.monotonic(), first_audio)
+        kind = "response.output_audio_transcript.delta" if "audio" in modalities else "response.output_text.delta"
+        await self._send({"type": kind, **self._where(event), "delta": event.delta})
 
-    async def _stream_reply(self, text: str, started: float, cancel: threading.Event) -> None:
-        response_id = f"resp_{int(started * 1000)}"
-        await self._send({"type": "response.created", "response": {"id": response_id}})
-        holder: dict[str, Any] = {}
-        chat = self._chat
+    async def _reply_audio(self, event: ReplyAudio) -> None:
+        modalities, started, first_char, first_audio = self._responses[event.response_id]
+        if not first_audio:
+            self._responses[event.response_id] = (modalities, started, first_char, time.monotonic())
+        data = await asyncio.to_thread(self._encode, event.audio)
+        bytes_per_s = self._output.rate * 2 if self._output.type == "audio/pcm" else G711_RATE
+        step = max(2, int(bytes_per_s * AUDIO_DELTA_S) // 2 * 2)
+        for start in range(0, len(data), step):
+            await self._send({"type": "response.output_audio.delta", **self._where(event),
+                              "delta": base64.b64encode(data[start : start + step]).decode()})  # fmt: skip
 
-        def deltas() -> Any:
-            reply = chat.send(text, cancel=cancel)
-            holder["reply"] = reply
-            yield from reply
-
-        first = 0.0
-        try:
-            async for delta in self._services.worker.stream(deltas, cancel):
-                first = first or time.monotonic()
-                await self._send({"type": "response.text.delta", "response_id": response_id, "delta": delta})
-        except Exception as exc:  # this turn fails; the session and its history go on
-            await self._error(generation_failed(exc))
-            return
-        reply = holder.get("reply")
-        stats = reply.stats if reply is not None else None
-        status = "cancelled" if stats is None or stats.finish_reason == "cancelled" else "completed"
-        metrics = {"first_char_ms": round(((first or time.monotonic()) - started) * 1000),
-                   "tokens": stats.completion_tokens if stats else 0,
-                   "tokens_per_s": round(stats.decode_tokens_per_s, 1) if stats else 0.0}  # fmt: skip
+    async def _reply_done(self, event: ReplyDone) -> None:
+        modalities, _, _, _ = self._responses.pop(event.response_id, (("text",), 0.0, 0.0, 0.0))
+        where = self._where(event)
+        spoken = "audio" in modalities
+        if event.status != "failed":
+            if spoken:
+                await self._send({"type": "response.output_audio.done", **where})
+                await self._send({"type": "response.output_audio_transcript.done", **where,
+                                  "transcript": event.text})  # fmt: skip
+                part = {"type": "audio", "transcript": event.text}
+            else:
+                await self._send({"type": "response.output_text.done", **where, "text": event.text})
+                part = {"type": "text", "text": event.text}
+            await self._send({"type": "response.content_part.done", **where, "part": part})
+        item = self._item(event.item_id, Message("assistant", event.text, cut=event.status != "completed"),
+                          "completed" if event.status == "completed" else "incomplete")  # fmt: skip
+        if event.status != "failed":
+            await self._send({"type": "response.output_item.done", "response_id": event.response_id,
+                              "output_index": 0, "item": item})  # fmt: skip
+        else:
+            self._announced.discard(event.item_id)
+            error = event.error if isinstance(event.error, AssistantError) else AssistantError(str(event.error))
+            await self._error(error)
+        response = self._response(event.response_id, event.status, modalities, event, item)
         await self._save()
-        await self._send({"type": "response.text.done", "response_id": response_id,
-                          "text": reply.text if reply is not None else ""})  # fmt: skip
-        await self._send({"type": "response.done",
-                          "response": {"id": response_id, "status": status, "metrics": metrics}})  # fmt: skip
+        await self._send({"type": "response.done", "response": response})
+
+    def _response(self, response_id: str, status: str, modalities: tuple[str, ...], done: ReplyDone | None = None,
+                  item: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+        response: dict[str, Any] = {
+            "id": response_id, "object": "realtime.response", "status": status, "output_modalities": list(modalities),
+            "conversation_id": self._saved_as.stem if self._saved_as is not None else self._session_id,
+            "output": [item] if item is not None and status != "failed" else [],
+            "audio": {"output": {"format": self._output.describe(), "voice": self.voice.options.voice}},
+            "max_output_tokens": self.voice.chat.sampling.max_new_tokens, "metadata": None, "usage": None,
+            "status_details": None,
+        }  # fmt: skip
+        if done is None:
+            return response
+        stats = done.stats
+        response["usage"] = {
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens, "input_tokens": stats.prompt_tokens,
+            "output_tokens": stats.completion_tokens,
+            "input_token_details": {"cached_tokens": stats.cached_tokens, "text_tokens": stats.prompt_tokens,
+                                    "audio_tokens": 0},
+            "output_token_details": {"text_tokens": stats.completion_tokens, "audio_tokens": 0},
+        }  # fmt: skip
+        if status != "completed":
+            details: dict[str, Any] = {"type": status, "reason": done.reason}
+            if done.error is not None:
+                details["error"] = _error_fields(done.error)
+                details["reason"] = None
+            response["status_details"] = details
+        metrics = done.metrics
+        if metrics is not None:
+            response["metrics"] = {
+                "first_char_ms": round(metrics.speech_end_to_first_char_ms),
+                "first_audio_ms": None if metrics.speech_end_to_first_audio_ms is None
+                else round(metrics.speech_end_to_first_audio_ms),
+                "transcript_ms": round(metrics.speech_end_to_transcript_ms),
+                "tokens": stats.completion_tokens, "tokens_per_s": round(metrics.tokens_per_s, 1),
+                "audio_s": round(done.audio_s, 3),
+            }  # fmt: skip
+        return response
+
+    def _where(self, event: ReplyTextDelta | ReplyAudio | ReplyDone | ReplyStarted) -> dict[str, Any]:
+        return {"response_id": event.response_id, "item_id": event.item_id, "output_index": 0, "content_index": 0}
+
+    def _item(self, item_id: str, message: Message, status: str, *, transcript: Any = "") -> dict[str, Any]:
+        """A conversation item in the Realtime API's shape."""
+        if message.role == "user":
+            if item_id in self._audio_items:
+                content = [{"type": "input_audio", "transcript": message.content if transcript == "" else transcript}]
+            else:
+                content = [{"type": "input_text", "text": message.content}]
+        elif item_id in self._audio_items:
+            content = [{"type": "output_audio", "transcript": message.content}]
+        else:
+            content = [{"type": "output_text", "text": message.content}]
+        return {"id": item_id, "object": "realtime.item", "type": "message", "role": message.role, "status": status,
+                "content": content}  # fmt: skip
 
     # --- sending -----------------------------------------------------------------------------------------------------
 
     async def _send(self, event: dict[str, Any]) -> None:
+        if self._gone:
+            return
+        event = {"event_id": f"event_{uuid.uuid4().hex[:20]}", **event}
         async with self._send_lock:
             try:
-                await asyncio.wait_for(self._ws.send_text(json.dumps(event, ensure_ascii=False)), timeout=30)
+                await asyncio.wait_for(self._ws.send_text(json.dumps(event, ensure_ascii=False)), SEND_TIMEOUT_S)
             except (TimeoutError, RuntimeError, ConnectionError):
-                self._cancel.set()  # the client stopped reading or left: stop working for it
+                self._gone = True  # the client stopped reading or left: stop working for it
+                self.voice.cancel("client_cancelled")
 
-    async def _error(self, exc: AssistantError) -> None:
-        await self._send({"type": "error", "error": {"code": exc.code, "message": exc.message}})
+    async def _error(self, exc: AssistantError, event_id: str | None = None, *, code: str | None = None) -> None:
+        await self._send({"type": "error", "error": _error_fields(exc, event_id, code)})
+
+
+class _SessionUpdate:
+    """One ``session.update``, read whole (GA and beta shapes) before anything changes: a bad value changes
+    nothing and the error names it."""
+
+    def __init__(self, owner: RealtimeSession, session: dict[str, Any]) -> None:
+        self._owner = owner
+        self._session = session
+        voice = owner.voice
+        self.options = voice.options
+        self.instructions: str | None = None
+        self.sampling = voice.chat.sampling
+        self.input_format: AudioFormat | None = None
+        self.output_format: AudioFormat | None = None
+
+    def parse(self) -> None:
+        session = dict(self._session)
+        kind = session.pop("type", "realtime")
+        if kind != "realtime":
+            raise ConfigError(f"session.update: type {kind!r} is not supported; this server runs 'realtime' "
+                              "sessions (transcription-only sessions: use /v1/audio/transcriptions)")  # fmt: skip
+        session.pop("model", None)  # the loaded models answer whatever the client asks for
+        for key in IGNORED_SESSION_KEYS:
+            session.pop(key, None)
+        self._instructions(session)
+        self._modalities(session)
+        self._audio(session.pop("audio", None))
+        self._beta(session)
+        self._sampling(session)
+        self._unsupported(session)
+        if session:
+            raise ConfigError(f"session.update: unknown key {sorted(session)[0]!r}; see docs/protocol.md for the "
+                              "session fields this server takes")  # fmt: skip
+
+    def apply(self) -> None:
+        owner = self._owner
+        if "audio" in self.options.modalities:
+            owner._require_speech()
+        if self.instructions is not None:
+            owner.voice.chat.conversation.system = self.instructions or None
+        owner.voice.chat.sampling = self.sampling
+        owner.voice.reconfigure(self.options)
+        if self.input_format is not None:
+            owner.set_input_format(self.input_format)
+        if self.output_format is not None:
+            owner._output = self.output_format
+
+    def _replace(self, **changes: Any) -> None:
+        self.options = dataclasses.replace(self.options, **changes)
+
+    def _instructions(self, session: dict[str, Any]) -> None:
+        if "instructions" in session:
+            self.instructions = _optional_string(session, "instructions", "session.update") or ""
+            session.pop("instructions")
+
+    def _modalities(self, session: dict[str, Any]) -> None:
+        for key in ("output_modalities", "modalities"):
+            if key in session:
+                self._replace(modalities=_modalities(session.pop(key), f"session.update {key}"))
+
+    def _audio(self, audio: Any) -> None:
+        if audio is None:
+            return
+        if not isinstance(audio, dict):
+            raise ConfigError("session.update: 'audio' must be an object with 'input' and/or 'output'")
+        for key in set(audio) - {"input", "output"}:
+            raise ConfigError(f"session.update: unknown key audio.{key}; audio takes input and output")
+        audio_input = audio.get("input") or {}
+        audio_output = audio.get("output") or {}
+        if not isinstance(audio_input, dict) or not isinstance(audio_output, dict):
+            raise ConfigError("session.update: audio.input and audio.output must be objects")
+        known_input = {"format", "transcription", "turn_detection", "noise_reduction"}
+        for key in set(audio_input) - known_input:
+            raise ConfigError(f"session.update: unknown key audio.input.{key}; it takes "
+                              f"{', '.join(sorted(known_input))}")  # fmt: skip
+        if "format" in audio_input:
+            self.input_format = _audio_format(audio_input["format"], "audio.input.format")
+        if "transcription" in audio_input:
+            self._transcription(audio_input["transcription"], "audio.input.transcription")
+        if "turn_detection" in audio_input:
+            self._turn_detection(audio_input["turn_detection"], "audio.input.turn_detection")
+        if audio_input.get("noise_reduction") is not None:
+            raise ConfigError("session.update: audio.input.noise_reduction is not supported by this server; send "
+                              "null (clean the audio before sending it)")  # fmt: skip
+        for key in set(audio_output) - {"format", "voice", "speed"}:
+            raise ConfigError(f"session.update: unknown key audio.output.{key}; it takes format, voice, speed")
+        if "format" in audio_output:
+            self.output_format = _audio_format(audio_output["format"], "audio.output.format")
+        if "voice" in audio_output:
+            self._replace(voice=self._owner._checked_voice(audio_output["voice"]))
+        if "speed" in audio_output:
+            self._speed(audio_output["speed"], "audio.output.speed")
+
+    def _beta(self, session: dict[str, Any]) -> None:
+        """The beta shape older clients send: flat audio settings."""
+        beta_formats = {"pcm16": AudioFormat(), "g711_ulaw": AudioFormat("audio/pcmu", G711_RATE),
+                        "g711_alaw": AudioFormat("audio/pcma", G711_RATE)}  # fmt: skip
+        for key, target in (("input_audio_format", "input_format"), ("output_audio_format", "output_format")):
+            if key in session:
+                value = session.pop(key)
+                if value not in beta_formats:
+                    raise ConfigError(f"session.update: {key} {value!r} is not one of {', '.join(beta_formats)}")
+                setattr(self, target, beta_formats[value])
+        if "input_audio_transcription" in session:
+            self._transcription(session.pop("input_audio_transcription"), "input_audio_transcription")
+        if "turn_detection" in session:
+            self._turn_detection(session.pop("turn_detection"), "turn_detection")
+        if "voice" in session:
+            self._replace(voice=self._owner._checked_voice(session.pop("voice")))
+        if "speed" in session:
+            self._speed(session.pop("speed"), "speed")
+        if "input_audio_noise_reduction" in session and session.pop("input_audio_noise_reduction") is not None:
+            raise ConfigError("session.update: input_audio_noise_reduction is not supported by this server; send null")
+        if "language" in session:  # this server's older shape
+            self._replace(language=self._language(session.pop("language"), "language"))
+
+    def _sampling(self, session: dict[str, Any]) -> None:
+        values: dict[str, Any] = {}
+        extras = session.pop("sampling", None)
+        if extras is not None:
+            if not isinstance(extras, dict):
+                raise ConfigError(f"session.update: 'sampling' must be an object with any of "
+                                  f"{', '.join(SAMPLING_KEYS)}")  # fmt: skip
+            for key in set(extras) - set(SAMPLING_KEYS):
+                raise ConfigError(f"session.update: unknown key sampling.{key}; it takes {', '.join(SAMPLING_KEYS)}")
+            values.update(extras)
+        for key in SAMPLING_KEYS:  # the beta shape had temperature at the top (and this server's older clients)
+            if key in session:
+                values[key] = session.pop(key)
+        for key in ("max_output_tokens", "max_response_output_tokens"):
+            if key in session:
+                tokens = _max_tokens(session.pop(key), f"session.update {key}")
+                default = self._owner._config.llm.sampling.max_new_tokens
+                values["max_new_tokens"] = tokens if tokens is not None else default
+        if values:
+            self.sampling = build(SamplingConfig, dataclasses.asdict(self.sampling) | values, "session.sampling")
+
+    def _unsupported(self, session: dict[str, Any]) -> None:
+        if session.pop("tools", None):
+            raise ConfigError("session.update: 'tools' (function calling) is not supported by this server; send []")
+        session.pop("tool_choice", None)
+        if session.pop("prompt", None) is not None:
+            raise ConfigError("session.update: 'prompt' (stored prompts) is not supported; send the text as "
+                              "'instructions'")  # fmt: skip
+
+    def _transcription(self, value: Any, where: str) -> None:
+        if value is None:
+            return  # transcripts are always made: the reply needs them
+        if not isinstance(value, dict):
+            raise ConfigError(f"session.update: {where} must be an object with model, language, prompt")
+        for key in set(value) - {"model", "language", "prompt"}:
+            raise ConfigError(f"session.update: {where}.{key} is not supported; {where} takes model, language, prompt")
+        if "language" in value:
+            self._replace(language=self._language(value["language"], f"{where}.language"))
+        if "prompt" in value:
+            self._replace(transcription_prompt=_optional_string(value, "prompt", where) or None)
+
+    def _language(self, language: Any, where: str) -> str | None:
+        from assistant.asr.base import language_error
+        from assistant.pipeline import normalize_language
+
+        if language is not None and not isinstance(language, str):
+            raise ConfigError(f"session.update: {where} must be a language code such as 'zh' or 'en', or null")
+        code = normalize_language(language)
+        if code and not self._owner._services.transcription.transcriber.supports_language(code):
+            raise ConfigError(f"session.update: {where}: {language_error(code, self._owner._config.asr.model)}")
+        return code
+
+    def _turn_detection(self, value: Any, where: str) -> None:
+        if value is None:
+            self._replace(turn_detection=None)
+            return
+        if not isinstance(value, dict) or value.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
+            raise ConfigError(f"session.update: {where} must be null, {{type: server_vad, ...}} or "
+                              "{type: semantic_vad, ...}")  # fmt: skip
+        base = self.options.turn_detection or TurnDetection(**_defaults(self._owner._config))
+        known = {"type", "threshold", "silence_duration_ms", "prefix_padding_ms", "create_response",
+                 "interrupt_response", "idle_timeout_ms", "eagerness"}  # fmt: skip
+        for key in set(value) - known:
+            raise ConfigError(f"session.update: unknown key {where}.{key}")
+        changes: dict[str, Any] = {}
+        if value.get("type") == "semantic_vad":  # no semantic model here: eagerness picks the silence window
+            eagerness = value.get("eagerness", "auto")
+            if eagerness not in EAGERNESS_SILENCE_MS:
+                raise ConfigError(f"session.update: {where}.eagerness must be one of {', '.join(EAGERNESS_SILENCE_MS)}")
+            changes["silence_duration_ms"] = EAGERNESS_SILENCE_MS[eagerness]
+        if "threshold" in value:
+            threshold = value["threshold"]
+            if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 < threshold < 1:
+                raise ConfigError(f"session.update: {where}.threshold must be a number between 0 and 1")
+            changes["threshold"] = float(threshold)
+        for key in ("silence_duration_ms", "prefix_padding_ms"):
+            if key in value:
+                number = value[key]
+                if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= 10_000:
+                    raise ConfigError(f"session.update: {where}.{key} must be milliseconds between 0 and 10000")
+                changes[key] = number
+        for key in ("create_response", "interrupt_response"):
+            if key in value:
+                if not isinstance(value[key], bool):
+                    raise ConfigError(f"session.update: {where}.{key} must be true or false")
+                changes[key] = value[key]
+        if value.get("idle_timeout_ms") is not None:
+            raise ConfigError(f"session.update: {where}.idle_timeout_ms is not supported; send null")
+        self._replace(turn_detection=dataclasses.replace(base, **changes))
+
+    def _speed(self, value: Any, where: str) -> None:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0.25 <= value <= 4.0:
+            raise ConfigError(f"session.update: {where} must be a number between 0.25 and 4.0")
+        self._replace(speed=float(value))
+
+
+def _defaults(config: Any) -> dict[str, Any]:
+    vad = config.vad
+    return {"threshold": vad.threshold, "silence_duration_ms": vad.min_silence_ms,
+            "prefix_padding_ms": vad.speech_pad_ms}  # fmt: skip
+
+
+REFUSED_CLIENT_EVENTS = {
+    "output_audio_buffer.clear": "WebRTC/SIP only in the Realtime API; over WebSocket stop playing and send "
+    "conversation.item.truncate with what was played",
+    "transcription_session.update": "transcription-only sessions are not supported; use /v1/audio/transcriptions "
+    "or a realtime session",
+}
 
 
 def parse_event(text: str) -> dict[str, Any]:
@@ -390,22 +878,83 @@ def parse_event(text: str) -> dict[str, Any]:
     return event
 
 
-def _pcm16(data: bytes) -> np.ndarray:
-    if len(data) % 2:
-        raise ConfigError("audio must be PCM16 (2 bytes per sample); got an odd number of bytes")
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+def _error_fields(exc: BaseException, event_id: str | None = None, code: str | None = None) -> dict[str, Any]:
+    our_code = getattr(exc, "code", "error")
+    client_side = our_code in ("config", "limit", "unauthorized", "conversation")
+    kind = "invalid_request_error" if client_side else "server_error"
+    message = exc.message if isinstance(exc, AssistantError) else str(exc)
+    return {"type": kind, "code": code or our_code, "message": message, "param": None, "event_id": event_id}
 
 
-def _item_text(item: Any) -> str:
-    if not isinstance(item, dict) or item.get("role", "user") != "user":
+def _string(event: dict[str, Any], key: str, where: str) -> str:
+    value = event.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} needs '{key}': the id of a conversation item")
+    return value
+
+
+def _optional_string(values: dict[str, Any], key: str, where: str) -> str | None:
+    value = values.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where}: '{key}' must be text")
+    return value
+
+
+def _modalities(value: Any, where: str) -> tuple[Any, ...]:
+    if value in (["text"], ["audio"]):
+        return tuple(value)
+    if isinstance(value, list) and sorted(value) == ["audio", "text"]:  # the beta default: audio with its transcript
+        return ("audio",)
+    raise ConfigError(f"{where}: {value!r} is not valid; use [\"text\"] or [\"audio\"] (audio carries its transcript)")
+
+
+def _max_tokens(value: Any, where: str) -> int | None:
+    if value is None or value == "inf":
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: max_output_tokens must be an integer >= 1 or \"inf\"")
+    return value
+
+
+def _audio_format(value: Any, where: str) -> AudioFormat:
+    if not isinstance(value, dict):
+        raise ConfigError(f"session.update: {where} must be an object like "
+                          '{"type": "audio/pcm", "rate": 24000}')
+    kind = value.get("type", "audio/pcm")
+    if kind in ("audio/pcmu", "audio/pcma"):
+        return AudioFormat(kind, G711_RATE)
+    if kind != "audio/pcm":
+        raise ConfigError(f"session.update: {where}.type {kind!r} is not supported; use audio/pcm, audio/pcmu or "
+                          "audio/pcma")  # fmt: skip
+    rate = value.get("rate", DEFAULT_PCM_RATE)
+    if not isinstance(rate, int) or isinstance(rate, bool) or not 8000 <= rate <= 48000:
+        raise ConfigError(f"session.update: {where}.rate must be a sample rate in Hz between 8000 and 48000")
+    return AudioFormat("audio/pcm", rate)
+
+
+def _item_message(item: Any) -> Message:
+    if not isinstance(item, dict):
         raise ConfigError("conversation.item.create needs item {type: message, role: user, content: [...]}")
+    kind = item.get("type", "message")
+    if kind != "message":
+        raise ConfigError(f"conversation.item.create: items of type {kind!r} (function calls) are not supported; "
+                          "send messages")  # fmt: skip
+    role = item.get("role", "user")
+    if role not in ("user", "assistant", "system"):
+        raise ConfigError(f"conversation.item.create: role {role!r} is not one of user, assistant, system")
     content = item.get("content")
     if isinstance(content, str):
         text = content
     elif isinstance(content, list):
-        text = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        parts = []
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") in ("input_audio", "input_image"):
+                raise ConfigError(f"conversation.item.create: {part.get('type')} content is not supported; send audio "
+                                  "with input_audio_buffer.append and text as input_text")  # fmt: skip
+            parts.append(str(part.get("text") or part.get("transcript") or ""))
+        text = "".join(parts)
     else:
         text = ""
-    if not text.strip():
-        raise ConfigError("conversation.item.create: the message has no text (content: [{type: input_text, text}])")
-    return text
+    return Message(role, text)

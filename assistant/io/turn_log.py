@@ -10,7 +10,7 @@ from typing import Any
 
 from assistant.config import OutputConfig
 from assistant.errors import OutputError
-from assistant.messages import TurnMetrics, Utterance
+from assistant.messages import Audio, TurnMetrics
 
 
 class JsonlSink:
@@ -27,10 +27,19 @@ class JsonlSink:
         with self._path.open("a", encoding="utf-8") as log:  # one whole line per write; reopened so rotation works
             log.write(line + "\n")
 
-    def transcript(self, text: str, utterance: Utterance) -> None:
+    def partial(self, text: str) -> None:
+        pass
+
+    def transcript(self, text: str) -> None:
         pass
 
     def delta(self, text: str) -> None:
+        pass
+
+    def audio(self, audio: Audio) -> None:
+        pass
+
+    def interrupted(self) -> None:
         pass
 
     def turn_done(self, transcript: str, reply: str, metrics: TurnMetrics) -> None:

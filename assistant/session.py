@@ -1,0 +1,759 @@
+"""The voice session: one conversation's turn engine, shared by every front end.
+
+Audio (16 kHz mono float32), typed text and control calls go in; typed events (``messages.SessionEvent``) come out
+through one ``emit`` callback, in order. The console (``voice.py``), the WebSocket protocol (``io/realtime.py``) and
+the browser page (through the protocol) are thin drivers: they turn their input into calls and the events into their
+output, and nothing here knows about terminals, sockets or sound devices. Model work is handed to the worker
+(``ModelWorker``: recognition and the chat model; a second one for speech), so one session never blocks another.
+
+What happens here, once for every front end:
+- endpointing: server VAD (``Endpointer``) or manual commits, or a given segmenter (push-to-talk);
+- live partial transcripts: while the user speaks, the growing utterance is recognised again whenever the model
+  worker is idle and ``partial_interval_s`` of new speech has arrived; ``delta`` carries only the words two
+  successive hypotheses agree on (LocalAgreement-2, Machacek et al. 2023, "Turning Whisper into Real-Time
+  Transcription System"), so it never takes a word back. A partial that already covers all of the speech becomes
+  the final transcript, so partials never delay it;
+- the turn: final transcript -> user item -> reply streamed from the chat model;
+- voice out: each sentence of the reply is synthesized (on the speech worker) as soon as its end streams in, and
+  sent as ``ReplyAudio`` while later text is still being generated;
+- barge-in and cancel: the reply stops within a token and its queued speech is dropped. The history keeps what was
+  actually heard of a spoken reply: the client is assumed to play the audio as it arrives, gaplessly, so the heard
+  part is the audio time elapsed since the first chunk (``truncate`` with the client's own playback position
+  overrides it, as in the Realtime API's ``conversation.item.truncate``);
+- failures: a failed recognition or reply is that turn's error; a failed sentence of speech is reported and the
+  text reply completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from assistant.asr.text import apply_zh_script
+from assistant.chat import ChatSession
+from assistant.config import Config, VadConfig, ZhScript
+from assistant.endpointing import FRAME_SAMPLES, Endpointer, SpeechProbability
+from assistant.errors import AsrError, AssistantError, ConfigError, ConversationError, LimitError, OutputError
+from assistant.llm.base import Reply, generation_failed
+from assistant.messages import (
+    SAMPLE_RATE,
+    Audio,
+    ItemAdded,
+    ItemDeleted,
+    ItemTruncated,
+    Message,
+    Modality,
+    ReplyAudio,
+    ReplyDone,
+    ReplyStarted,
+    ReplyStats,
+    ReplyTextDelta,
+    SessionError,
+    SessionEvent,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptFailed,
+    TranscriptFinal,
+    TranscriptPartial,
+    TurnMetrics,
+    Utterance,
+)
+from assistant.tts.base import split_sentences
+
+Emit = Callable[[SessionEvent], Awaitable[None]]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+class Segmenter(Protocol):
+    """Cuts a stream into utterances: the VAD endpointer or push-to-talk."""
+
+    def push(self, samples: np.ndarray) -> Iterator[SpeechStarted | Utterance]: ...
+
+    def flush(self) -> Iterator[SpeechStarted | Utterance]: ...
+
+
+class Worker(Protocol):
+    """What the session needs of ``assistant.worker.ModelWorker``."""
+
+    @property
+    def idle(self) -> bool: ...
+
+    def submit(self, job: Callable[[], Any]) -> Future[Any]: ...
+
+    async def run(self, job: Callable[[], Any]) -> Any: ...
+
+    async def batch(self, key: Any, item: Any, run_many: Callable[[list[Any]], list[Any]], *, limit: int) -> Any: ...
+
+    def stream(self, make: Callable[[], Iterator[str]], cancel: threading.Event) -> Any: ...
+
+
+class Synthesizer(Protocol):
+    def synthesize(self, text: str, *, voice: str | None = None, speed: float | None = None) -> Audio: ...
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    """Server VAD: the session cuts turns itself. Names follow the Realtime API's ``turn_detection``."""
+
+    threshold: float = 0.5
+    silence_duration_ms: int = 500
+    prefix_padding_ms: int = 200
+    create_response: bool = True  # answer every turn without waiting for a response.create
+    interrupt_response: bool = True  # speech during a reply cancels it (barge-in)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Everything a client may change during a session (``session.update``); defaults come from the config."""
+
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)  # None: the client commits turns
+    language: str | None = None  # recognition language; None = detect per turn
+    transcription_prompt: str | None = None  # Whisper's initial prompt (names, spelling)
+    modalities: tuple[Modality, ...] = ("text",)  # ("audio",): replies are spoken, their text is the transcript
+    voice: str = "auto"
+    speed: float = 1.0
+    partial_interval_s: float = 1.0  # speech between live partial transcripts; 0 = none
+    max_turn_audio_s: float = 60.0  # audio of one manually committed turn
+    max_utterance_s: float = 30.0  # server VAD: a turn this long is cut and answered
+    min_speech_ms: int = 250
+    live: bool = True  # audio arrives as it is spoken (latency from the end of speech; barge-in applies)
+
+    @classmethod
+    def from_config(cls, config: Config, *, modalities: tuple[Modality, ...], live: bool = True) -> SessionOptions:
+        from assistant.pipeline import normalize_language
+
+        vad = config.vad
+        detection = TurnDetection(vad.threshold, vad.min_silence_ms, vad.speech_pad_ms,
+                                  interrupt_response=config.input.barge_in and live)  # fmt: skip
+        return cls(turn_detection=detection, language=normalize_language(config.asr.language),
+                   transcription_prompt=config.asr.initial_prompt, modalities=modalities, voice=config.tts.voice,
+                   speed=config.tts.speed, partial_interval_s=config.input.partial_interval_s,
+                   max_turn_audio_s=config.server.max_turn_audio_s, max_utterance_s=config.input.max_utterance_s,
+                   min_speech_ms=vad.min_speech_ms, live=live)  # fmt: skip
+
+    def vad(self, base: VadConfig) -> VadConfig:
+        detection = self.turn_detection or TurnDetection()
+        return dataclasses.replace(base, threshold=detection.threshold, min_silence_ms=detection.silence_duration_ms,
+                                   speech_pad_ms=detection.prefix_padding_ms,
+                                   min_speech_ms=self.min_speech_ms)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    """One reply's overrides (a Realtime ``response.create``)."""
+
+    modalities: tuple[Modality, ...] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    voice: str | None = None
+
+
+@dataclass
+class Services:
+    """The models and workers a session uses; shared by all sessions of a process."""
+
+    transcriber: Any  # asr.base.Transcriber
+    worker: Worker
+    speech: Synthesizer | None = None  # None: no voice out
+    speech_worker: Worker | None = None
+    probability: Callable[[], SpeechProbability] | None = None  # a new per-stream VAD; None: no server VAD
+    zh_script: ZhScript = "simplified"
+
+
+@dataclass
+class _Spoken:
+    """What a spoken reply said, sentence by sentence, for truncation to what was heard."""
+
+    text: str = ""  # the whole reply text
+    ends: list[tuple[int, float]] = field(default_factory=list)  # (end in text, end in audio seconds) per sentence
+    first_audio: float | None = None  # clock of the first audio chunk
+    audio_s: float = 0.0
+
+    def heard_s(self, now: float) -> float:
+        """Audio played by ``now``, for a client that plays chunks as they arrive."""
+        return 0.0 if self.first_audio is None else min(self.audio_s, max(0.0, now - self.first_audio))
+
+    def text_at(self, audio_s: float) -> str:
+        """The reply text spoken in the first ``audio_s`` seconds: whole sentences, then the share of the sentence
+        cut in its middle by its fraction of characters (speech rate is close to constant within a sentence)."""
+        start_char, start_s = 0, 0.0
+        for end_char, end_s in self.ends:
+            if audio_s >= end_s:
+                start_char, start_s = end_char, end_s
+                continue
+            share = (audio_s - start_s) / max(end_s - start_s, 1e-6)
+            cut = start_char + int(share * (end_char - start_char))
+            return self.text[:cut].rstrip()
+        return self.text[:start_char].rstrip()
+
+
+@dataclass
+class _Partial:
+    utterance: int  # which utterance of the session
+    samples: int  # how much of it was recognised
+    task: asyncio.Task[str]
+
+
+@dataclass
+class _Turn:
+    """Work for the turn loop, in order: a spoken turn to recognise, or a reply to make."""
+
+    audio: Audio | None = None
+    item_id: str = ""
+    speech_end: float = 0.0
+    partial: _Partial | None = None
+    respond: ResponseOptions | None = None
+    add: Message | None = None
+
+
+class VoiceSession:
+    """One conversation driven by audio, text and control calls. Call everything from one asyncio event loop."""
+
+    def __init__(self, chat: ChatSession, services: Services, options: SessionOptions, emit: Emit, *,
+                 vad: VadConfig, segmenter: Segmenter | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.chat = chat
+        self.options = options
+        self._services = services
+        self._emit = emit
+        self._vad_base = vad
+        self._clock = clock
+        self._fixed_segmenter = segmenter
+        self._probability: SpeechProbability | None = None
+        self._endpointer: Endpointer | None = None
+        self._buffer: list[np.ndarray] = []  # manual commits: audio since the last commit
+        self._buffered = 0
+        self._heard = 0  # samples pushed in this session (for audio_start_ms / audio_end_ms)
+        self.items: list[str] = [new_id("item") for _ in chat.conversation.turns]  # ids of conversation.turns
+        self._spoken: dict[str, _Spoken] = {}  # reply item id -> what its audio said
+        self._speech_item: str | None = None  # the item the speech in progress becomes
+        self._utterances = 0
+        self._partial: _Partial | None = None
+        self._partial_event: asyncio.Future[None] | None = None  # the last partial transcript being sent
+        self._partial_words: list[str] = []  # the previous hypothesis
+        self._agreed = 0  # words of the current utterance already sent as partial deltas
+        self._turns: asyncio.Queue[_Turn | None] = asyncio.Queue()
+        self._turn_loop: asyncio.Task[None] | None = None
+        self._response: asyncio.Task[None] | None = None
+        self._response_item: str | None = None
+        self._cancel = threading.Event()
+        self._cancel_reason = "client_cancelled"
+        self.failures = 0
+
+    # --- input ------------------------------------------------------------------------------------------------------
+
+    async def push_audio(self, samples: np.ndarray) -> None:
+        """16 kHz mono float32 samples, as captured."""
+        self._ensure_loop()
+        segmenter = await self._segmenter()
+        if segmenter is None:  # manual commits
+            self._buffer.append(samples)
+            self._buffered += len(samples)
+            self._heard += len(samples)
+            if self._buffered > self.options.max_turn_audio_s * SAMPLE_RATE:
+                self.clear_audio()
+                raise LimitError(f"the turn is over {self.options.max_turn_audio_s:g} s of audio "
+                                 "(server.max_turn_audio_s); commit shorter turns")  # fmt: skip
+            return
+        self._heard += len(samples)
+        # the VAD model runs in a thread: on the event loop it would delay every other session's events
+        events = await asyncio.to_thread(lambda: list(segmenter.push(samples)))
+        for event in events:
+            await self._segmented(event)
+        self._maybe_partial()
+
+    async def commit(self) -> None:
+        """End the user's turn now: push-to-talk release, end of a file, or a client's manual commit."""
+        self._ensure_loop()
+        segmenter = await self._segmenter()
+        if segmenter is not None:
+            for event in await asyncio.to_thread(lambda: list(segmenter.flush())):
+                await self._segmented(event)
+            return
+        if not self._buffer:
+            raise ConfigError("input_audio_buffer.commit: the buffer is empty; append audio first")
+        samples = np.concatenate(self._buffer)
+        start_s = (self._heard - len(samples)) / SAMPLE_RATE
+        self._buffer, self._buffered = [], 0
+        item_id = new_id("item")
+        await self._emit(SpeechStopped(item_id, self._heard / SAMPLE_RATE))
+        self._turns.put_nowait(_Turn(Audio(samples, SAMPLE_RATE, start_s), item_id, self._clock()))
+
+    def clear_audio(self) -> None:
+        """Drop audio not yet turned into a turn."""
+        self._buffer, self._buffered = [], 0
+        self._endpointer = None  # a fresh endpointer: the speech in progress is forgotten
+        self._speech_item = None
+
+    async def add_message(self, message: Message, *, item_id: str | None = None) -> str:
+        """A typed user message (or a reply a client puts in the history); returns its item id."""
+        self._ensure_loop()
+        if message.role not in ("user", "assistant"):
+            raise ConfigError(f"conversation.item.create: role {message.role!r} is not supported here; set the "
+                              "system prompt with session.update instructions")  # fmt: skip
+        if not message.content.strip():
+            raise ConfigError("conversation.item.create: the message has no text (content: [{type: input_text, "
+                              "text}])")  # fmt: skip
+        item_id = item_id or new_id("item")
+        self._turns.put_nowait(_Turn(item_id=item_id, add=message))
+        return item_id
+
+    async def respond(self, options: ResponseOptions | None = None, *, started: float | None = None) -> None:
+        """Reply to the conversation as it is (its last message must be the user's)."""
+        self._ensure_loop()
+        self._turns.put_nowait(_Turn(respond=options or ResponseOptions(), speech_end=started or self._clock()))
+
+    def cancel(self, reason: str = "client_cancelled") -> bool:
+        """Stop the reply in progress within a token, and its speech; False when none was in progress."""
+        if self._response is None or self._response.done():
+            return False
+        self._cancel_reason = reason
+        self._cancel.set()
+        return True
+
+    async def truncate(self, item_id: str, audio_end_ms: int) -> None:
+        """The client heard only the first ``audio_end_ms`` of a spoken reply: keep that much of its text."""
+        spoken = self._spoken.get(item_id)
+        index = self._index(item_id)
+        if self.chat.conversation.turns[index].role != "assistant" or spoken is None:
+            raise ConfigError(f"conversation.item.truncate: item {item_id!r} is not a spoken reply")
+        if audio_end_ms < 0 or audio_end_ms > round(spoken.audio_s * 1000):
+            raise ConfigError(f"conversation.item.truncate: audio_end_ms {audio_end_ms} is beyond the "
+                              f"{round(spoken.audio_s * 1000)} ms of audio that item has")  # fmt: skip
+        if item_id == self._response_item and self.cancel("client_cancelled"):
+            await self._after_response()
+        await self._truncate(item_id, audio_end_ms / 1000)
+
+    async def delete(self, item_id: str) -> None:
+        index = self._index(item_id)
+        if item_id == self._response_item:
+            raise ConfigError("conversation.item.delete: that reply is still being generated; cancel it first")
+        self.chat.conversation.remove(index)
+        del self.items[index]
+        self._spoken.pop(item_id, None)
+        await self._emit(ItemDeleted(item_id))
+
+    def item(self, item_id: str) -> Message:
+        return self.chat.conversation.turns[self._index(item_id)]
+
+    def previous_item(self, item_id: str) -> str | None:
+        return self._previous(item_id)
+
+    async def drain(self) -> None:
+        """Wait until every queued turn is answered (the end of a file source)."""
+        self._ensure_loop()
+        self._turns.put_nowait(None)
+        if self._turn_loop is not None:
+            await self._turn_loop
+        self._turn_loop = None
+
+    async def close(self) -> None:
+        """Stop everything in progress; the session is finished."""
+        self._cancel.set()
+        if self._partial is not None:
+            self._partial.task.cancel()
+        if self._turn_loop is not None:
+            self._turn_loop.cancel()
+            await asyncio.gather(self._turn_loop, return_exceptions=True)
+        if self._response is not None:
+            await asyncio.gather(self._response, return_exceptions=True)
+
+    @property
+    def replying(self) -> bool:
+        return self._response is not None and not self._response.done()
+
+    # --- segmentation ------------------------------------------------------------------------------------------------
+
+    async def _segmenter(self) -> Segmenter | None:
+        if self._fixed_segmenter is not None:
+            return self._fixed_segmenter
+        if self.options.turn_detection is None or self._services.probability is None:
+            return None
+        if self._endpointer is None:
+            if self._probability is None:
+                self._probability = await asyncio.to_thread(self._services.probability)
+            max_s = min(self.options.max_utterance_s, self.options.max_turn_audio_s)
+            self._endpointer = Endpointer(self._probability, self.options.vad(self._vad_base),
+                                          max_utterance_s=max_s, clock=self._clock)  # fmt: skip
+        return self._endpointer
+
+    def reconfigure(self, options: SessionOptions) -> None:
+        """New options (session.update); a changed turn detection takes effect from the next audio."""
+        if options.turn_detection != self.options.turn_detection or options.min_speech_ms != self.options.min_speech_ms:
+            self._endpointer = None
+        self.options = options
+
+    async def _segmented(self, event: SpeechStarted | Utterance) -> None:
+        if isinstance(event, SpeechStarted):
+            self._speech_item = new_id("item")
+            self._partial_words, self._agreed = [], 0
+            detection = self.options.turn_detection
+            if self.options.live and (detection is None or detection.interrupt_response):
+                await self._barge_in()
+            await self._emit(dataclasses.replace(event, item_id=self._speech_item))
+            return
+        item_id = self._speech_item or new_id("item")
+        self._speech_item = None
+        self._utterances += 1
+        partial, self._partial = self._partial, None
+        if partial is not None and partial.utterance != self._utterances - 1:
+            partial = None
+        await self._emit(SpeechStopped(item_id, event.audio.end_s))
+        self._turns.put_nowait(_Turn(event.audio, item_id, event.speech_end_clock, partial))
+
+    async def _barge_in(self) -> None:
+        """The user speaks over the assistant: the reply stops, and a spoken reply still playing is cut where the
+        user started."""
+        if self.cancel("turn_detected"):
+            return  # the reply's end truncates it
+        last = self.items[-1] if self.items else None
+        spoken = self._spoken.get(last) if last else None
+        if last is not None and spoken is not None and spoken.heard_s(self._clock()) < spoken.audio_s - 0.05:
+            await self._truncate(last, spoken.heard_s(self._clock()))
+
+    # --- partial transcripts -----------------------------------------------------------------------------------------
+
+    def _maybe_partial(self) -> None:
+        interval = self.options.partial_interval_s
+        endpointer = self._current_endpointer()
+        if interval <= 0 or endpointer is None or self._speech_item is None:
+            return
+        if self._partial is not None and not self._partial.task.done():
+            return
+        speech = endpointer.current_speech()
+        if speech is None or not self._services.worker.idle:
+            return
+        done = self._partial.samples if self._partial is not None and self._partial.utterance == self._utterances else 0
+        if len(speech) - done < interval * SAMPLE_RATE:
+            return
+        audio = Audio(speech)
+        task = asyncio.ensure_future(self._services.worker.run(lambda: self._recognise(audio)))
+        self._partial = _Partial(self._utterances, len(speech), task)
+        item_id = self._speech_item
+        task.add_done_callback(lambda done_task: self._partial_done(done_task, item_id))
+
+    def _partial_done(self, task: asyncio.Task[str], item_id: str) -> None:
+        if task.cancelled() or task.exception() is not None or item_id != self._speech_item:
+            return  # a failed partial is not worth a word: the final transcript will say it
+        words = task.result().split()
+        agreed = 0
+        while agreed < min(len(words), len(self._partial_words)) and words[agreed] == self._partial_words[agreed]:
+            agreed += 1
+        self._partial_words = words
+        delta = " ".join(words[self._agreed : agreed]) if agreed > self._agreed else ""
+        if delta and self._agreed:
+            delta = " " + delta
+        self._agreed = max(self._agreed, agreed)
+        self._partial_event = asyncio.ensure_future(self._emit(TranscriptPartial(item_id, delta, " ".join(words))))
+
+    def _current_endpointer(self) -> Endpointer | None:
+        fixed = self._fixed_segmenter
+        return fixed if isinstance(fixed, Endpointer) else self._endpointer
+
+    def _recognise(self, audio: Audio) -> str:
+        transcriber = self._services.transcriber
+        result = transcriber.transcribe_many([audio], language=self.options.language, timestamps=False)[0]
+        return apply_zh_script(result, self._services.zh_script).text.strip()
+
+    # --- the turn loop -----------------------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._turn_loop is None or self._turn_loop.done():
+            self._turn_loop = asyncio.ensure_future(self._run_turns())
+
+    async def _run_turns(self) -> None:
+        while (turn := await self._turns.get()) is not None:
+            try:
+                if turn.audio is not None:
+                    await self._spoken_turn(turn)
+                elif turn.respond is not None:
+                    await self._after_response()
+                    await self._start_response(turn.respond, (turn.speech_end, turn.speech_end, 0.0))
+                elif turn.add is not None:
+                    await self._after_response()
+                    self._append(turn.add, turn.item_id)
+                    await self._emit(ItemAdded(turn.item_id, self._previous(turn.item_id), turn.add))
+            except AssistantError as exc:
+                self.failures += 1
+                await self._emit(SessionError(exc))
+        await self._after_response()
+
+    async def _spoken_turn(self, turn: _Turn) -> None:
+        audio = turn.audio
+        assert audio is not None
+        started = turn.speech_end if self.options.live else self._clock()
+        try:
+            text = await self._final_transcript(turn)
+        except AssistantError as exc:
+            self.failures += 1
+            await self._emit(TranscriptFailed(turn.item_id, exc))
+            return
+        transcribed = self._clock()
+        await self._after_response()  # the previous reply ends first (a barge-in cut it already)
+        await self._emit(TranscriptFinal(turn.item_id, text, audio.duration_s, (transcribed - started) * 1000))
+        if not text:
+            return  # noise: no turn
+        message = Message("user", text)
+        try:
+            self._append(message, turn.item_id)
+        except ConversationError:  # a typed message is still unanswered: this speech joins it
+            index = len(self.chat.conversation.turns) - 1
+            merged = Message("user", f"{self.chat.conversation.turns[index].content}\n{text}")
+            self.chat.conversation.replace(index, merged)
+            self.items[index] = turn.item_id
+            message = merged
+        await self._emit(ItemAdded(turn.item_id, self._previous(turn.item_id), message))
+        detection = self.options.turn_detection
+        if detection is None or detection.create_response:
+            await self._start_response(ResponseOptions(), (started, transcribed, audio.duration_s))
+
+    async def _final_transcript(self, turn: _Turn) -> str:
+        audio = turn.audio
+        assert audio is not None
+        partial = turn.partial
+        endpointer = self._current_endpointer()
+        pad = endpointer.pad_samples if endpointer is not None else 0
+        if partial is not None and partial.samples >= len(audio.samples) - pad - FRAME_SAMPLES:
+            with contextlib.suppress(Exception):
+                return await partial.task  # it heard all of the speech: no second recognition
+        transcriber = self._services.transcriber
+        language, script = self.options.language, self._services.zh_script
+
+        def transcribe_many(audios: list[Audio]) -> list[str]:
+            results = transcriber.transcribe_many(audios, language=language, timestamps=False)
+            return [apply_zh_script(result, script).text.strip() for result in results]
+
+        # utterances of several sessions waiting together are transcribed in one batch (whisper-hf batches them)
+        try:
+            return str(await self._services.worker.batch(("asr", language), audio, transcribe_many,
+                                                         limit=transcriber.batch_size))  # fmt: skip
+        except AssistantError:
+            raise
+        except Exception as exc:  # the recogniser failed on this turn only
+            raise AsrError(f"transcription failed: {type(exc).__name__}: {exc}") from None
+
+    async def _after_response(self) -> None:
+        if self._response is not None:
+            await asyncio.gather(self._response, return_exceptions=True)
+
+    # --- replies -----------------------------------------------------------------------------------------------------
+
+    async def _start_response(self, options: ResponseOptions, clocks: tuple[float, float, float]) -> None:
+        """``clocks``: (end of speech or request, transcript ready, seconds of speech) for the turn's metrics."""
+        turns = self.chat.conversation.turns
+        if not turns or turns[-1].role != "user":
+            raise ConversationError("response.create: there is no user message to answer; add one first "
+                                    "(conversation.item.create or audio)")  # fmt: skip
+        self._cancel = threading.Event()
+        self._cancel_reason = "client_cancelled"
+        response_id, item_id = new_id("resp"), new_id("item")
+        self._response_item = item_id
+        self._response = asyncio.ensure_future(
+            self._reply(response_id, item_id, options, clocks, self._cancel)
+        )
+
+    async def _reply(self, response_id: str, item_id: str, options: ResponseOptions,
+                     clocks: tuple[float, float, float], cancel: threading.Event) -> None:  # fmt: skip
+        modalities = options.modalities or self.options.modalities
+        speech = self._services.speech if "audio" in modalities else None
+        await self._emit(ReplyStarted(response_id, item_id, modalities))
+        chat = self.chat
+        sampling = chat.sampling
+        if options.max_output_tokens is not None:
+            sampling = dataclasses.replace(sampling, max_new_tokens=options.max_output_tokens)
+        holder: dict[str, Reply] = {}
+
+        def deltas() -> Iterator[str]:
+            saved = chat.sampling, chat.conversation.system
+            chat.sampling = sampling
+            if options.instructions is not None:
+                chat.conversation.system = options.instructions
+            try:
+                reply = chat.reply(cancel=cancel)
+            finally:
+                chat.sampling, chat.conversation.system = saved
+            holder["reply"] = reply
+            yield from reply
+
+        voice = _Voice(self, response_id, item_id, speech, options.voice or self.options.voice, cancel)
+        first_char = 0.0
+        failure: Exception | None = None
+        text = ""
+        stream_ended = threading.Event()  # the worker's bridge sets it however the stream ends
+        try:
+            async for delta in self._services.worker.stream(deltas, stream_ended):
+                first_char = first_char or self._clock()
+                text += delta
+                await self._emit(ReplyTextDelta(response_id, item_id, delta))
+                voice.add_text(delta)
+        except Exception as exc:  # this turn fails; the session and its history go on
+            cancel.set()
+            failure = generation_failed(exc)
+        except BaseException:  # the session is closing: stop generating and speaking
+            cancel.set()
+            raise
+        if failure is None:
+            voice.finish()
+        await voice.wait()
+        reply = holder.get("reply")
+        stats = reply.stats if reply is not None else ReplyStats(finish_reason="cancelled")
+        if failure is not None:
+            self.failures += 1
+            user_dropped = not self.chat.conversation.turns or self.chat.conversation.turns[-1].role != "user"
+            if user_dropped and self.items and len(self.items) > len(self.chat.conversation.turns):
+                dropped = self.items.pop()
+                await self._emit(ItemDeleted(dropped))
+            await self._emit(ReplyDone(response_id, item_id, text, "failed", getattr(failure, "code", "error"),
+                                       stats, None, error=failure))  # fmt: skip
+            self._response_item = None
+            return
+        cancelled = stats.finish_reason == "cancelled"
+        if reply is not None:
+            self.items.append(item_id)
+            text = reply.text
+            if voice.spoken is not None:
+                voice.spoken.text = text
+                self._spoken[item_id] = voice.spoken
+            await self._emit(ItemAdded(item_id, self._previous(item_id), Message("assistant", text, cut=cancelled)))
+        self._response_item = None
+        if cancelled and voice.spoken is not None and voice.spoken.audio_s > 0:
+            await self._truncate(item_id, voice.spoken.heard_s(self._clock()))
+        elif cancelled and voice.spoken is not None:  # nothing was heard yet
+            await self._truncate(item_id, 0.0)
+        status = "cancelled" if cancelled else "incomplete" if stats.finish_reason == "length" else "completed"
+        reason = self._cancel_reason if cancelled else "max_output_tokens" if status == "incomplete" else None
+        speech_end, transcribed, speech_s = clocks
+        first_char = first_char or self._clock()
+        first_audio = voice.spoken.first_audio if voice.spoken is not None else None
+        metrics = TurnMetrics(
+            audio_s=speech_s,
+            speech_end_to_transcript_ms=(transcribed - speech_end) * 1000,
+            transcript_to_first_char_ms=(first_char - transcribed) * 1000,
+            speech_end_to_first_char_ms=(first_char - speech_end) * 1000,
+            tokens_per_s=stats.decode_tokens_per_s,
+            cut=cancelled,
+            speech_end_to_first_audio_ms=(first_audio - speech_end) * 1000 if first_audio else None,
+        )
+        audio_s = voice.spoken.audio_s if voice.spoken is not None else 0.0
+        await self._emit(ReplyDone(response_id, item_id, text, status, reason, stats, metrics, audio_s))
+
+    async def _truncate(self, item_id: str, heard_s: float) -> None:
+        spoken = self._spoken.get(item_id)
+        if spoken is None:
+            return
+        index = self._index(item_id)
+        message = Message("assistant", spoken.text_at(heard_s), cut=True)
+        self.chat.conversation.replace(index, message)
+        await self._emit(ItemTruncated(item_id, round(heard_s * 1000), message))
+
+    # --- items -------------------------------------------------------------------------------------------------------
+
+    def _append(self, message: Message, item_id: str) -> None:
+        conversation = self.chat.conversation
+        if message.role == "user":
+            conversation.add_user(message.content)
+        elif conversation.turns and conversation.turns[-1].role == "assistant":
+            raise ConversationError("conversation.item.create: the last message is already a reply; add a user "
+                                    "message first")  # fmt: skip
+        else:
+            conversation.add_reply(message.content, cut=message.cut)
+        self.items.append(item_id)
+
+    def _index(self, item_id: str) -> int:
+        try:
+            return self.items.index(item_id)
+        except ValueError:
+            raise ConfigError(f"no conversation item {item_id!r} in this session") from None
+
+    def _previous(self, item_id: str) -> str | None:
+        index = self.items.index(item_id) if item_id in self.items else len(self.items)
+        return self.items[index - 1] if index > 0 else None
+
+
+class _Voice:
+    """A reply's speech: sentences go to the speech worker as soon as they end; audio comes back in order."""
+
+    def __init__(self, session: VoiceSession, response_id: str, item_id: str, speech: Synthesizer | None,
+                 voice: str, cancel: threading.Event) -> None:  # fmt: skip
+        self._session = session
+        self._ids = (response_id, item_id)
+        self._speech = speech
+        self._voice = voice
+        self._cancel = cancel
+        self.spoken = _Spoken() if speech is not None else None
+        self._text = ""  # the reply so far
+        self._said = 0  # characters of it queued for speech
+        self._jobs: asyncio.Queue[tuple[Future[Audio], int] | None] = asyncio.Queue()
+        self._pump = asyncio.ensure_future(self._play()) if speech is not None else None
+        self._failed = False
+
+    def add_text(self, delta: str) -> None:
+        """Queue every sentence the reply has completed (its end position in the text kept for truncation)."""
+        self._text += delta
+        if self._speech is None or self._failed:
+            return
+        unsaid = self._text[self._said :]
+        sentences, rest = split_sentences(unsaid)
+        cursor = 0
+        for sentence in sentences:
+            found = unsaid.find(sentence, cursor)
+            cursor = found + len(sentence) if found >= 0 else cursor
+            self._queue(sentence, self._said + cursor)
+        self._said = len(self._text) - len(rest)
+
+    def finish(self) -> None:
+        rest = self._text[self._said :].strip()
+        if self._speech is not None and rest and not self._failed:
+            self._queue(rest, len(self._text))
+        self._said = len(self._text)
+        self._jobs.put_nowait(None)
+
+    def _queue(self, sentence: str, end_char: int) -> None:
+        speech, voice, speed = self._speech, self._voice, self._session.options.speed
+        worker = self._session._services.speech_worker
+        assert speech is not None and worker is not None
+        job = worker.submit(lambda: speech.synthesize(sentence, voice=voice, speed=speed))
+        self._jobs.put_nowait((job, end_char))
+
+    async def wait(self) -> None:
+        if self._pump is None:
+            return
+        if self._cancel.is_set():
+            self._jobs.put_nowait(None)
+        await self._pump
+
+    async def _play(self) -> None:
+        assert self.spoken is not None
+        while (entry := await self._jobs.get()) is not None:
+            job, end_char = entry
+            if self._cancel.is_set() or self._failed:
+                job.cancel()
+                continue
+            try:
+                audio = await asyncio.wrap_future(job)
+            except Exception as exc:  # speech is lost, the text reply goes on
+                self._failed = True
+                failure = exc if isinstance(exc, AssistantError) else OutputError(f"{type(exc).__name__}: {exc}")
+                await self._session._emit(SessionError(OutputError(f"tts: the reply cannot be spoken: "
+                                                                   f"{failure.message}")))  # fmt: skip
+                continue
+            if self._cancel.is_set():
+                continue
+            if self.spoken.first_audio is None:
+                self.spoken.first_audio = self._session._clock()
+            self.spoken.audio_s += audio.duration_s
+            self.spoken.ends.append((end_char, self.spoken.audio_s))
+            await self._session._emit(ReplyAudio(*self._ids, audio))
