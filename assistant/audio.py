@@ -1,12 +1,18 @@
-"""Pure-numpy audio helpers shared by the pipeline: cutting a stream into blocks at quiet points, grouping speech."""
+"""Pure-numpy audio helpers shared by the pipeline: cutting a stream into blocks at quiet points, grouping speech;
+and where the ffmpeg programs are (decoding in io/audio_file.py, encoding in tts/encode.py)."""
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from assistant.errors import AudioDecodeError
 from assistant.messages import Audio, Span
+
+FFMPEG_MISSING = "ffmpeg not found; install it with 'apt-get install ffmpeg' (Debian/Ubuntu) or 'brew install ffmpeg'"
 
 QUIET_FRAME_S = 0.1  # resolution of the quiet-point search, seconds
 QUIET_SEARCH_S = 10.0  # how far back from a block's end the cut may move, seconds
@@ -60,3 +66,16 @@ def group_spans(spans: Sequence[Span], max_s: float) -> list[Span]:
         else:
             groups.append(span)
     return groups
+
+
+def tool_path(name: str) -> str:
+    """The ``ffmpeg`` or ``ffprobe`` program as pydub finds it (honouring its overrides); AudioDecodeError if absent."""
+    from pydub.utils import get_encoder_name, get_prober_name
+
+    with warnings.catch_warnings():  # pydub warns when it finds neither; we raise a clearer error below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        found = get_encoder_name() if name == "ffmpeg" else get_prober_name()
+    resolved = shutil.which(found)
+    if resolved is None:
+        raise AudioDecodeError(FFMPEG_MISSING)
+    return resolved

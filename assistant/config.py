@@ -20,6 +20,7 @@ import yaml
 from assistant import registry
 from assistant.errors import ConfigError
 from assistant.llm.templates import TEMPLATE_CHOICES
+from assistant.tts.base import ESPEAK_VOICE, check_speed, check_voice_name
 
 Task = Literal["transcribe", "translate"]
 ZhScript = Literal["simplified", "traditional", "as-is"]
@@ -199,10 +200,24 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class TtsConfig:
-    """The ``speaker`` sink: replies spoken sentence by sentence while they stream."""
+    """Voice out: how replies are spoken (the ``speaker`` sink, ``POST /v1/audio/speech``). See assistant.tts.Speech."""
 
     english_voice: str = "joe-us-piper"  # a Piper voice: the offline package's name or a path to its .onnx
-    chinese_voice: str = "cmn"  # an espeak-ng voice for sentences with Chinese characters
+    chinese_voice: str = "cmn"  # an espeak-ng voice for text with Chinese characters
+    voice: str = "auto"  # default voice: auto (by language) | piper | espeak-ng | espeak-ng:<voice> | english_voice
+    speed: float = 1.0  # multiple of the voice's natural pace, 0.25 to 4
+
+    def __post_init__(self) -> None:
+        check_voice_name(self.voice, self.english_voice, "tts.voice")
+        check_speed(self.speed, "tts.speed")
+        _require(bool(ESPEAK_VOICE.fullmatch(self.chinese_voice)), "tts.chinese_voice", self.chinese_voice,
+                 "an espeak-ng voice name such as cmn ('espeak-ng --voices' lists them)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SpeakerConfig:
+    """The ``speaker`` sink: where spoken replies are played."""
+
     device: str | None = None  # output device (sounddevice name or index); None = the system default
     save_dir: str | None = None  # write every spoken sentence as a wav file here instead of playing it
 
@@ -213,7 +228,7 @@ class OutputConfig:
 
     sinks: tuple[str, ...] = ("console",)  # names in registry.SINKS
     log: str = "turns.jsonl"  # jsonl sink: one JSON line per turn (transcript, reply, metrics)
-    tts: TtsConfig = field(default_factory=TtsConfig)
+    speaker: SpeakerConfig = field(default_factory=SpeakerConfig)
 
     def __post_init__(self) -> None:
         for sink in self.sinks:
@@ -254,6 +269,7 @@ class Config:
     vad: VadConfig = field(default_factory=VadConfig)
     transcribe: TranscribeConfig = field(default_factory=TranscribeConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
+    tts: TtsConfig = field(default_factory=TtsConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

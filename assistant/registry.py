@@ -22,6 +22,11 @@ LLM_BACKENDS: dict[str, str] = {
     "openai": "assistant.llm.openai_compat:OpenAIChatModel",
 }
 
+TTS_BACKENDS: dict[str, str] = {
+    "piper": "assistant.tts.piper:PiperSynthesizer",
+    "espeak-ng": "assistant.tts.espeak:EspeakSynthesizer",
+}
+
 SOURCES: dict[str, str] = {
     "microphone": "assistant.io.microphone:MicrophoneSource",
     "file": "assistant.io.audio_file:FileSource",
@@ -37,6 +42,7 @@ _KINDS: dict[str, dict[str, str]] = {
     "asr": ASR_BACKENDS,
     "vad": VAD_BACKENDS,
     "llm": LLM_BACKENDS,
+    "tts": TTS_BACKENDS,
     "source": SOURCES,
     "sink": SINKS,
 }

@@ -82,6 +82,7 @@ def faulty_server(tiny_chat_model: Path) -> Iterator[tuple[str, Faults]]:
     from assistant.io.server import Services, create_app, deadline_protocol
     from assistant.llm.hf import HFChatModel
     from assistant.pipeline import TranscriptionPipeline
+    from assistant.tts import Speech
     from assistant.worker import ModelWorker
 
     sampling = SamplingConfig(temperature=0, max_new_tokens=12, min_new_tokens=12, repetition_penalty=1.0)
@@ -89,7 +90,8 @@ def faulty_server(tiny_chat_model: Path) -> Iterator[tuple[str, Faults]]:
     config = Config(llm=llm, server=ServerConfig(port=free_port()))
     chat_model = HFChatModel(llm)
     faults = Faults(chat_model._model)
-    services = Services(config, chat_model, TranscriptionPipeline.from_config(config), ModelWorker(4), ())
+    services = Services(config, chat_model, TranscriptionPipeline.from_config(config), ModelWorker(4), (),
+                        Speech.from_config(config.tts), ModelWorker(4, name="speech-worker"))  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(create_app(services), host="127.0.0.1", port=config.server.port,
                                            log_level="warning", http=deadline_protocol(30)))  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)

@@ -29,9 +29,10 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
     max_leaves=12,
 )
-section_names = st.sampled_from(["asr", "vad", "llm", "chat", "input", "output", "server", "transcribe", "x"])
+section_names = st.sampled_from(["asr", "vad", "llm", "tts", "chat", "input", "output", "server", "transcribe", "x"])
 field_names = st.sampled_from(["model", "backend", "sampling", "temperature", "batch_size", "sinks", "port",
-                               "template", "stop", "tts", "threshold", "formats", "api_key", "nope"])  # fmt: skip
+                               "template", "stop", "speaker", "voice", "speed", "english_voice", "chinese_voice",
+                               "threshold", "formats", "api_key", "nope"])  # fmt: skip
 
 
 def code_of(exc: AssistantError) -> str:

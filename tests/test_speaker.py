@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from assistant.config import OutputConfig, TtsConfig
-from assistant.errors import OutputError
-from assistant.io.speaker import split_sentences
+from assistant.config import OutputConfig, SpeakerConfig
 from assistant.messages import TurnMetrics
+from assistant.tts import split_sentences
 from tests.conftest import require, require_tool
 
 
@@ -26,7 +25,7 @@ def speaker(tmp_path: Path):
     require_tool("espeak-ng")
     from assistant.io.speaker import SpeakerSink
 
-    return SpeakerSink(OutputConfig(tts=TtsConfig(save_dir=str(tmp_path))))
+    return SpeakerSink(OutputConfig(speaker=SpeakerConfig(save_dir=str(tmp_path))))
 
 
 METRICS = TurnMetrics(1.0, 1.0, 1.0, 2.0, 10.0)
@@ -55,11 +54,3 @@ def test_a_cut_reply_stops_speaking(tmp_path: Path) -> None:
     sink.turn_done("q", "reply", TurnMetrics(1.0, 1.0, 1.0, 2.0, 10.0, cut=True))
     sink.wait()
     assert len(list(tmp_path.glob("sentence-*.wav"))) < 8
-
-
-def test_missing_voice_names_the_fix(tmp_path: Path) -> None:
-    pytest.importorskip("piper")
-    from assistant.io.speaker import SpeakerSink
-
-    with pytest.raises(OutputError, match="does not exist; set output.tts.english_voice"):
-        SpeakerSink(OutputConfig(tts=TtsConfig(english_voice=str(tmp_path / "none.onnx"))))

@@ -137,6 +137,6 @@ def _wait(condition: Callable[[], bool], seconds: float, what: str, stderr: list
 def test_speak_says_the_reply(questions: list[Path], tmp_path: Path) -> None:
     require(importlib.util.find_spec("piper") is not None, "piper-tts is not installed")
     spoken = tmp_path / "spoken"
-    result = chat("--audio", str(questions[0]), "--speak", "--set", f"output.tts.save_dir={spoken}")
+    result = chat("--audio", str(questions[0]), "--speak", "--set", f"output.speaker.save_dir={spoken}")
     assert result.returncode == 0, result.stderr
     assert list(spoken.glob("sentence-*.wav"))

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import collections
 import json
-import shutil
 import signal
 import subprocess
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from assistant.audio import tool_path
 from assistant.config import InputConfig
 from assistant.errors import AudioDecodeError
 from assistant.messages import SAMPLE_RATE, Audio, EndOfRecording
@@ -29,8 +28,6 @@ from assistant.messages import SAMPLE_RATE, Audio, EndOfRecording
 _BYTES_PER_SAMPLE = 4  # float32
 _STDERR_LINES_KEPT = 20
 _LIVE_PIECE_S = 0.1  # seconds per piece when files are played in as speech
-
-FFMPEG_MISSING = "ffmpeg not found; install it with 'apt-get install ffmpeg' (Debian/Ubuntu) or 'brew install ffmpeg'"
 
 
 @dataclass(frozen=True)
@@ -40,18 +37,6 @@ class AudioInfo:
     codec: str
     source_rate: int
     channels: int
-
-
-def tool_path(name: str) -> str:
-    from pydub.utils import get_encoder_name, get_prober_name
-
-    with warnings.catch_warnings():  # pydub warns when it finds neither; we raise a clearer error below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        found = get_encoder_name() if name == "ffmpeg" else get_prober_name()
-    resolved = shutil.which(found)
-    if resolved is None:
-        raise AudioDecodeError(FFMPEG_MISSING)
-    return resolved
 
 
 def probe(path: str | Path) -> AudioInfo:

@@ -1,7 +1,8 @@
 """``assistant serve``: one FastAPI app on uvicorn. OpenAI-compatible HTTP, a WebSocket voice/text session, a page.
 
 Models are loaded once and shared; all model work goes through one ModelWorker (bounded queue: overload is a clear
-``busy`` error, HTTP 503). Security: 127.0.0.1 by default; any other address needs an API key (Bearer header for
+``busy`` error, HTTP 503); speech synthesis has a worker of its own, so a reply being generated and a text being
+spoken never wait for each other. Security: 127.0.0.1 by default; any other address needs an API key (Bearer header for
 HTTP; header, ``?api_key=`` or the first message for WebSockets); request bodies, WebSocket messages, audio per turn
 and open sessions are limited; browsers must come from an allowed Origin; no endpoint opens a path a client sends.
 """
@@ -35,9 +36,13 @@ from assistant.errors import AssistantError, AudioDecodeError, AuthError, BusyEr
 from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ROLES, Message
 from assistant.pipeline import TranscriptionPipeline
+from assistant.tts.base import Speech, check_speed
+from assistant.tts.encode import FORMATS, encode
 from assistant.worker import ModelWorker
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+SPEECH_FORMATS = tuple(FORMATS)  # POST /v1/audio/speech response_format: mp3 (default), opus, aac, flac, wav, pcm
+MAX_SPEECH_CHARS = 4096  # POST /v1/audio/speech input, OpenAI's limit
 _STATUS = {"config": 400, "prompt-too-long": 400, "audio-decode": 400, "limit": 413, "busy": 503,
            "unauthorized": 401, "template": 400, "conversation": 400}  # fmt: skip
 WEB_DIR = Path(__file__).with_name("web")
@@ -45,14 +50,16 @@ WEB_DIR = Path(__file__).with_name("web")
 
 @dataclasses.dataclass
 class Services:
-    """What the app shares between all requests: the configuration, the models, the one worker, and the counts
-    behind the session and request limits."""
+    """What the app shares between all requests: the configuration, the models, the model worker and the speech
+    worker, and the counts behind the session and request limits."""
 
     config: Config
     chat_model: ChatModel
     transcription: TranscriptionPipeline
     worker: ModelWorker
     api_keys: tuple[str, ...]
+    speech: Speech  # voice out; its synthesizers are loaded on first use
+    speech_worker: ModelWorker  # synthesis, apart from the model worker: neither waits behind the other
     sessions: int = 0
     sessions_by_key: dict[str, int] = dataclasses.field(default_factory=dict)
     requests: int = 0
@@ -64,7 +71,9 @@ class Services:
         check_exposure(config)
         chat_model = registry.create("llm", config.llm.backend, config.llm)
         transcription = TranscriptionPipeline.from_config(config)
-        return cls(config, chat_model, transcription, ModelWorker(config.server.max_pending), api_keys_of(config))
+        pending = config.server.max_pending
+        return cls(config, chat_model, transcription, ModelWorker(pending), api_keys_of(config),
+                   Speech.from_config(config.tts), ModelWorker(pending, name="speech-worker"))  # fmt: skip
 
     def key_of(self, offered: str) -> str | None:
         """The configured key ``offered`` matches (compared in constant time); "" when the server has no keys."""
@@ -163,6 +172,44 @@ def messages_from_request(items: Any) -> list[Message]:
             raise ConfigError(f"messages[{index}]: expected {{'role': system|user|assistant, 'content': text}}")
         messages.append(Message(item["role"], content))
     return messages
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechRequest:
+    """A validated ``POST /v1/audio/speech`` body."""
+
+    text: str
+    voice: str | None  # None = tts.voice
+    speed: float | None  # None = tts.speed
+    response_format: str
+
+
+def speech_from_request(body: dict[str, Any], speech: Speech) -> SpeechRequest:
+    """OpenAI's speech request checked field by field before any work starts; ConfigError names the field."""
+    text = body.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("input: give the text to speak as a non-empty string")
+    if len(text) > MAX_SPEECH_CHARS:
+        raise ConfigError(f"input: {len(text)} characters is over the limit of {MAX_SPEECH_CHARS}; send less text")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ConfigError(f"model: expected a model name (it is not used: {speech.description} speaks), got {model!r}")
+    voice = body.get("voice")
+    if isinstance(voice, dict):  # OpenAI's custom voices are sent as {"id": ...}
+        voice = voice.get("id")
+    response_format = body.get("response_format") or "mp3"
+    if response_format not in SPEECH_FORMATS:
+        raise ConfigError(f"response_format: {response_format!r} is not valid; choose one of {', '.join(FORMATS)}")
+    stream_format = body.get("stream_format") or "audio"
+    if stream_format != "audio":
+        raise ConfigError(f"stream_format: {stream_format!r} is not supported; use 'audio' (the whole file)")
+    speed = body.get("speed")
+    return SpeechRequest(
+        text=text,
+        voice=None if voice is None else speech.check_voice(voice),
+        speed=None if speed is None else check_speed(speed),
+        response_format=response_format,
+    )
 
 
 def create_app(services: Services) -> FastAPI:
@@ -325,6 +372,23 @@ def create_app(services: Services) -> FastAPI:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/audio/speech")
+    async def speech(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ConfigError("the body is not valid JSON; send an OpenAI speech request") from None
+        if not isinstance(body, dict):
+            raise ConfigError("the body must be a JSON object with input, voice and response_format")
+        asked = speech_from_request(body, services.speech)
+
+        def speak() -> tuple[bytes, str]:
+            audio = services.speech.synthesize(asked.text, voice=asked.voice, speed=asked.speed)
+            return encode(audio, asked.response_format)
+
+        data, media_type = await services.speech_worker.run(speak)
+        return Response(data, media_type=media_type)
 
     @app.websocket("/v1/realtime")
     async def realtime(websocket: WebSocket) -> None:
