@@ -53,7 +53,11 @@ class ChatSession:
         last = self.conversation.turns[-1] if self.conversation.turns else None
         if last is None or last.role != "user":
             raise ConversationError("there is no user message to answer; add one first")
-        return self._reply(continue_last=False, cancel=cancel, undo=self.conversation.drop_last_user)
+        try:
+            return self._reply(continue_last=False, cancel=cancel, undo=self.conversation.drop_last_user)
+        except BaseException:  # refused before it started (the prompt is too long): the message goes too
+            self.conversation.drop_last_user()
+            raise
 
     def regenerate(self, *, cancel: threading.Event | None = None) -> Reply:
         """Replace the last reply with a new one."""

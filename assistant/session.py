@@ -32,6 +32,7 @@ import dataclasses
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ from assistant.messages import (
 from assistant.tts.base import split_sentences
 
 Emit = Callable[[SessionEvent], Awaitable[None]]
+SYNTHESIS_AHEAD = 2  # sentences of one reply given to the speech worker before the current one is sent
 
 
 def new_id(prefix: str) -> str:
@@ -237,6 +239,7 @@ class VoiceSession:
         self._buffer: list[np.ndarray] = []  # manual commits: audio since the last commit
         self._buffered = 0
         self._heard = 0  # samples pushed in this session (for audio_start_ms / audio_end_ms)
+        self._segment_offset_s = 0.0  # where the current endpointer's clock starts in the session's audio
         self.items: list[str] = [new_id("item") for _ in chat.conversation.turns]  # ids of conversation.turns
         self._spoken: dict[str, _Spoken] = {}  # reply item id -> what its audio said
         self._speech_item: str | None = None  # the item the speech in progress becomes
@@ -251,7 +254,9 @@ class VoiceSession:
         self._response_item: str | None = None
         self._cancel = threading.Event()
         self._cancel_reason = "client_cancelled"
+        self._cancelled_at = 0.0
         self.failures = 0
+        self._in_turn = False  # the turn loop is working on a turn
 
     # --- input ------------------------------------------------------------------------------------------------------
 
@@ -314,6 +319,11 @@ class VoiceSession:
     async def respond(self, options: ResponseOptions | None = None, *, started: float | None = None) -> None:
         """Reply to the conversation as it is (its last message must be the user's)."""
         self._ensure_loop()
+        turns = self.chat.conversation.turns
+        settled = self._turns.empty() and not self._in_turn and not self.replying
+        if settled and (not turns or turns[-1].role != "user"):  # known now: say so to the request that asked
+            raise ConversationError("response.create: there is no user message to answer; add one first "
+                                    "(conversation.item.create or audio)")  # fmt: skip
         self._turns.put_nowait(_Turn(respond=options or ResponseOptions(), speech_end=started or self._clock()))
 
     def cancel(self, reason: str = "client_cancelled") -> bool:
@@ -321,11 +331,14 @@ class VoiceSession:
         if self._response is None or self._response.done():
             return False
         self._cancel_reason = reason
+        self._cancelled_at = self._clock()  # what was heard is counted to here, not to when the reply winds down
         self._cancel.set()
         return True
 
     async def truncate(self, item_id: str, audio_end_ms: int) -> None:
         """The client heard only the first ``audio_end_ms`` of a spoken reply: keep that much of its text."""
+        if item_id == self._response_item and self.cancel("client_cancelled"):
+            await self._after_response()  # the reply stops where the client stopped playing it
         spoken = self._spoken.get(item_id)
         index = self._index(item_id)
         if self.chat.conversation.turns[index].role != "assistant" or spoken is None:
@@ -333,8 +346,6 @@ class VoiceSession:
         if audio_end_ms < 0 or audio_end_ms > round(spoken.audio_s * 1000):
             raise ConfigError(f"conversation.item.truncate: audio_end_ms {audio_end_ms} is beyond the "
                               f"{round(spoken.audio_s * 1000)} ms of audio that item has")  # fmt: skip
-        if item_id == self._response_item and self.cancel("client_cancelled"):
-            await self._after_response()
         await self._truncate(item_id, audio_end_ms / 1000)
 
     async def delete(self, item_id: str) -> None:
@@ -386,6 +397,7 @@ class VoiceSession:
             if self._probability is None:
                 self._probability = await asyncio.to_thread(self._services.probability)
             max_s = min(self.options.max_utterance_s, self.options.max_turn_audio_s)
+            self._segment_offset_s = self._heard / SAMPLE_RATE  # its times start at 0: ours at the session's start
             self._endpointer = Endpointer(self._probability, self.options.vad(self._vad_base),
                                           max_utterance_s=max_s, clock=self._clock)  # fmt: skip
         return self._endpointer
@@ -403,7 +415,8 @@ class VoiceSession:
             detection = self.options.turn_detection
             if self.options.live and (detection is None or detection.interrupt_response):
                 await self._barge_in()
-            await self._emit(dataclasses.replace(event, item_id=self._speech_item))
+            at_s = event.at_s + self._segment_offset_s
+            await self._emit(dataclasses.replace(event, at_s=at_s, item_id=self._speech_item))
             return
         item_id = self._speech_item or new_id("item")
         self._speech_item = None
@@ -411,7 +424,7 @@ class VoiceSession:
         partial, self._partial = self._partial, None
         if partial is not None and partial.utterance != self._utterances - 1:
             partial = None
-        await self._emit(SpeechStopped(item_id, event.audio.end_s))
+        await self._emit(SpeechStopped(item_id, event.audio.end_s + self._segment_offset_s))
         self._turns.put_nowait(_Turn(event.audio, item_id, event.speech_end_clock, partial))
 
     async def _barge_in(self) -> None:
@@ -476,6 +489,7 @@ class VoiceSession:
 
     async def _run_turns(self) -> None:
         while (turn := await self._turns.get()) is not None:
+            self._in_turn = True
             try:
                 if turn.audio is not None:
                     await self._spoken_turn(turn)
@@ -489,6 +503,8 @@ class VoiceSession:
             except AssistantError as exc:
                 self.failures += 1
                 await self._emit(SessionError(exc))
+            finally:
+                self._in_turn = False
         await self._after_response()
 
     async def _spoken_turn(self, turn: _Turn) -> None:
@@ -509,15 +525,16 @@ class VoiceSession:
         message = Message("user", text)
         try:
             self._append(message, turn.item_id)
-        except ConversationError:  # a typed message is still unanswered: this speech joins it
+        except ConversationError:  # a typed message is still unanswered: this speech joins it, under the new id
             index = len(self.chat.conversation.turns) - 1
             merged = Message("user", f"{self.chat.conversation.turns[index].content}\n{text}")
             self.chat.conversation.replace(index, merged)
-            self.items[index] = turn.item_id
+            replaced, self.items[index] = self.items[index], turn.item_id
+            await self._emit(ItemDeleted(replaced))
             message = merged
         await self._emit(ItemAdded(turn.item_id, self._previous(turn.item_id), message))
         detection = self.options.turn_detection
-        if detection is None or detection.create_response:
+        if detection is not None and detection.create_response:  # manual turns wait for response.create
             await self._start_response(ResponseOptions(), (started, transcribed, audio.duration_s))
 
     async def _final_transcript(self, turn: _Turn) -> str:
@@ -561,9 +578,7 @@ class VoiceSession:
         self._cancel_reason = "client_cancelled"
         response_id, item_id = new_id("resp"), new_id("item")
         self._response_item = item_id
-        self._response = asyncio.ensure_future(
-            self._reply(response_id, item_id, options, clocks, self._cancel)
-        )
+        self._response = asyncio.ensure_future(self._reply(response_id, item_id, options, clocks, self._cancel))
 
     async def _reply(self, response_id: str, item_id: str, options: ResponseOptions,
                      clocks: tuple[float, float, float], cancel: threading.Event) -> None:  # fmt: skip
@@ -630,7 +645,7 @@ class VoiceSession:
             await self._emit(ItemAdded(item_id, self._previous(item_id), Message("assistant", text, cut=cancelled)))
         self._response_item = None
         if cancelled and voice.spoken is not None and voice.spoken.audio_s > 0:
-            await self._truncate(item_id, voice.spoken.heard_s(self._clock()))
+            await self._truncate(item_id, voice.spoken.heard_s(self._cancelled_at or self._clock()))
         elif cancelled and voice.spoken is not None:  # nothing was heard yet
             await self._truncate(item_id, 0.0)
         status = "cancelled" if cancelled else "incomplete" if stats.finish_reason == "length" else "completed"
@@ -684,7 +699,9 @@ class VoiceSession:
 
 
 class _Voice:
-    """A reply's speech: sentences go to the speech worker as soon as they end; audio comes back in order."""
+    """A reply's speech: each sentence is queued as soon as its end streams in; the speech worker synthesizes up to
+    ``SYNTHESIS_AHEAD`` of them ahead of the one being sent, so a long reply never floods the shared worker and the
+    next sentence is ready when the current one has been sent."""
 
     def __init__(self, session: VoiceSession, response_id: str, item_id: str, speech: Synthesizer | None,
                  voice: str, cancel: threading.Event) -> None:  # fmt: skip
@@ -696,14 +713,14 @@ class _Voice:
         self.spoken = _Spoken() if speech is not None else None
         self._text = ""  # the reply so far
         self._said = 0  # characters of it queued for speech
-        self._jobs: asyncio.Queue[tuple[Future[Audio], int] | None] = asyncio.Queue()
+        self._sentences: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()  # (sentence, its end in the text)
         self._pump = asyncio.ensure_future(self._play()) if speech is not None else None
         self._failed = False
 
     def add_text(self, delta: str) -> None:
         """Queue every sentence the reply has completed (its end position in the text kept for truncation)."""
         self._text += delta
-        if self._speech is None or self._failed:
+        if self._speech is None or self._failed or self._cancel.is_set():
             return
         unsaid = self._text[self._said :]
         sentences, rest = split_sentences(unsaid)
@@ -711,49 +728,70 @@ class _Voice:
         for sentence in sentences:
             found = unsaid.find(sentence, cursor)
             cursor = found + len(sentence) if found >= 0 else cursor
-            self._queue(sentence, self._said + cursor)
+            self._sentences.put_nowait((sentence, self._said + cursor))
         self._said = len(self._text) - len(rest)
 
     def finish(self) -> None:
         rest = self._text[self._said :].strip()
-        if self._speech is not None and rest and not self._failed:
-            self._queue(rest, len(self._text))
+        if self._speech is not None and rest and not self._failed and not self._cancel.is_set():
+            self._sentences.put_nowait((rest, len(self._text)))
         self._said = len(self._text)
-        self._jobs.put_nowait(None)
-
-    def _queue(self, sentence: str, end_char: int) -> None:
-        speech, voice, speed = self._speech, self._voice, self._session.options.speed
-        worker = self._session._services.speech_worker
-        assert speech is not None and worker is not None
-        job = worker.submit(lambda: speech.synthesize(sentence, voice=voice, speed=speed))
-        self._jobs.put_nowait((job, end_char))
+        self._sentences.put_nowait(None)
 
     async def wait(self) -> None:
         if self._pump is None:
             return
         if self._cancel.is_set():
-            self._jobs.put_nowait(None)
+            self._sentences.put_nowait(None)
         await self._pump
 
     async def _play(self) -> None:
-        assert self.spoken is not None
-        while (entry := await self._jobs.get()) is not None:
-            job, end_char = entry
+        ahead: deque[tuple[Future[Audio], int]] = deque()  # submitted to the speech worker, in order
+        ended = False
+        while True:
+            while not ended and len(ahead) < SYNTHESIS_AHEAD:
+                try:
+                    entry = self._sentences.get_nowait() if ahead else await self._sentences.get()
+                except asyncio.QueueEmpty:
+                    break
+                if entry is None:
+                    ended = True
+                elif not (self._cancel.is_set() or self._failed):
+                    try:
+                        ahead.append((self._submit(entry[0]), entry[1]))
+                    except AssistantError as exc:  # the speech worker is full: this reply stays text
+                        await self._fail(exc)
+            if not ahead:
+                if ended:
+                    return
+                continue
+            job, end_char = ahead.popleft()
             if self._cancel.is_set() or self._failed:
                 job.cancel()
                 continue
             try:
                 audio = await asyncio.wrap_future(job)
             except Exception as exc:  # speech is lost, the text reply goes on
-                self._failed = True
-                failure = exc if isinstance(exc, AssistantError) else OutputError(f"{type(exc).__name__}: {exc}")
-                await self._session._emit(SessionError(OutputError(f"tts: the reply cannot be spoken: "
-                                                                   f"{failure.message}")))  # fmt: skip
+                await self._fail(exc)
                 continue
-            if self._cancel.is_set():
-                continue
-            if self.spoken.first_audio is None:
-                self.spoken.first_audio = self._session._clock()
-            self.spoken.audio_s += audio.duration_s
-            self.spoken.ends.append((end_char, self.spoken.audio_s))
-            await self._session._emit(ReplyAudio(*self._ids, audio))
+            if not self._cancel.is_set():
+                await self._send(audio, end_char)
+
+    def _submit(self, sentence: str) -> Future[Audio]:
+        speech, voice, speed = self._speech, self._voice, self._session.options.speed
+        worker = self._session._services.speech_worker
+        assert speech is not None and worker is not None
+        return worker.submit(lambda: speech.synthesize(sentence, voice=voice, speed=speed))
+
+    async def _send(self, audio: Audio, end_char: int) -> None:
+        assert self.spoken is not None
+        if self.spoken.first_audio is None:
+            self.spoken.first_audio = self._session._clock()
+        self.spoken.audio_s += audio.duration_s
+        self.spoken.ends.append((end_char, self.spoken.audio_s))
+        await self._session._emit(ReplyAudio(*self._ids, audio))
+
+    async def _fail(self, exc: Exception) -> None:
+        self._failed = True
+        message = exc.message if isinstance(exc, AssistantError) else f"{type(exc).__name__}: {exc}"
+        await self._session._emit(SessionError(OutputError(f"tts: the reply cannot be spoken: {message}")))

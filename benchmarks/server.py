@@ -41,6 +41,17 @@ async def session(url: str, questions: list[bytes], turns: int, latencies: list[
     done = 0
     async with websockets.connect(url, max_size=None) as ws:
         await ws.recv()
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "output_modalities": ["text"],
+                        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+                    },
+                }
+            )
+        )
         for turn in range(turns):
             pcm = questions[turn % len(questions)] + b"\0" * int(SILENCE_S * 32000)
             speech_end = 0.0
@@ -55,7 +66,7 @@ async def session(url: str, questions: list[bytes], turns: int, latencies: list[
             async with asyncio.timeout(300):
                 while True:
                     event = json.loads(await ws.recv())
-                    if event["type"] == "response.text.delta" and not first:
+                    if event["type"] == "response.output_text.delta" and not first:
                         first = time.monotonic()
                     elif event["type"] == "error":
                         errors.append(event["error"]["code"])

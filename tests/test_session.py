@@ -205,7 +205,7 @@ def test_cancel_mid_generation_stops_the_text_and_the_speech() -> None:
         return session, events
 
     session, events = asyncio.run(scenario())
-    done = [e for e in events if isinstance(e, ReplyDone)][0]
+    done = next(e for e in events if isinstance(e, ReplyDone))
     assert done.status == "cancelled" and done.reason == "client_cancelled"
     assert len(speech.sentences) < 30
     reply = session.chat.conversation.turns[-1]
@@ -260,7 +260,7 @@ def test_a_failing_reply_takes_its_user_message_back_out() -> None:
         return session, events
 
     session, events = asyncio.run(scenario())
-    user = [e for e in events if isinstance(e, ItemAdded)][0]
+    user = next(e for e in events if isinstance(e, ItemAdded))
     assert any(isinstance(e, ItemDeleted) and e.item_id == user.item_id for e in events)
     done = events[-1]
     assert isinstance(done, ReplyDone) and done.status == "failed" and "out of memory" in str(done.error)
@@ -283,7 +283,7 @@ def test_partial_transcripts_grow_without_taking_words_back_and_the_last_one_is_
     partials = [e for e in events if isinstance(e, TranscriptPartial)]
     assert len(partials) >= 4
     said = "".join(p.delta for p in partials)
-    final = [e for e in events if isinstance(e, TranscriptFinal)][0]
+    final = next(e for e in events if isinstance(e, TranscriptFinal))
     assert final.text == "one two three four five six"
     assert final.text.startswith(said.strip()) and said.strip()  # agreed words only, never taken back
     assert all(p.text == " ".join(WordsTranscriber.WORDS[: len(p.text.split())]) for p in partials)
@@ -307,7 +307,7 @@ def test_no_partials_while_the_worker_is_busy() -> None:
     assert len(transcriber.calls) == 1
 
 
-def test_manual_commits_and_noise() -> None:
+def test_manual_commits_noise_and_response_create() -> None:
     async def scenario() -> tuple[VoiceSession, list[SessionEvent]]:
         session, events = make(ScriptedModel("ok"), turn_detection=None)
         with pytest.raises(ConfigError, match="the buffer is empty"):
@@ -316,6 +316,9 @@ def test_manual_commits_and_noise() -> None:
         await session.commit()  # noise: a transcript of nothing, no turn
         await session.push_audio(tone(1.1))
         await session.commit()
+        await session.drain()
+        assert not any(isinstance(e, ReplyStarted) for e in events)  # manual turns wait for response.create
+        await session.respond()
         await session.drain()
         return session, events
 
@@ -340,7 +343,71 @@ def test_items_can_be_deleted_and_create_response_off_waits_for_response_create(
         return session, events
 
     session, events = asyncio.run(scenario())
-    done = [e for e in events if isinstance(e, ReplyDone)][0]
+    done = next(e for e in events if isinstance(e, ReplyDone))
     assert done.status == "incomplete" and done.reason == "max_output_tokens"
     assert isinstance(events[-1], ItemDeleted)
     assert [m.role for m in session.chat.conversation.turns] == ["assistant"]
+
+
+def test_truncate_of_the_reply_in_progress_stops_it_where_the_client_stopped_playing() -> None:
+    model = ScriptedModel("Aaaa. Bbbb. " * 40)
+    model.on_token = lambda index: time.sleep(0.005)
+    clock = Clock()
+
+    async def scenario() -> tuple[VoiceSession, list[SessionEvent]]:
+        session, events = make(model, speech=FakeSpeech(), clock=clock)
+        await session.add_message(Message("user", "talk"))
+        await session.respond()
+        started = next(e for e in await _until(events, ReplyAudio) if isinstance(e, ReplyStarted))
+        await session.truncate(started.item_id, 500)  # the client played half of the first sentence, then stopped
+        await session.drain()
+        return session, events
+
+    session, events = asyncio.run(scenario())
+    done = next(e for e in events if isinstance(e, ReplyDone))
+    assert done.status == "cancelled"
+    assert [e.audio_end_ms for e in events if isinstance(e, ItemTruncated)][-1] == 500
+    assert session.chat.conversation.turns[-1] == Message("assistant", "Aa", cut=True)
+
+
+def test_a_full_speech_worker_leaves_the_reply_as_text() -> None:
+    async def scenario() -> list[SessionEvent]:
+        session, events = make(ScriptedModel("One. Two. Three."), speech=FakeSpeech())
+        full = ModelWorker(1)
+        blocker, running = threading.Event(), threading.Event()
+        full.submit(lambda: (running.set(), blocker.wait(10)))
+        assert running.wait(5)
+        full.submit(lambda: None)  # waiting: the queue is full
+        session._services.speech_worker = full
+        await session.add_message(Message("user", "count"))
+        await session.respond()
+        await session.drain()
+        blocker.set()
+        return events
+
+    events = asyncio.run(scenario())
+    errors = [e for e in events if isinstance(e, SessionError)]
+    assert len(errors) == 1 and "busy" in str(errors[0].error)
+    done = events[-1]
+    assert isinstance(done, ReplyDone) and done.status == "completed" and done.text == "One. Two. Three."
+
+
+def test_vad_times_count_from_the_start_of_the_session_after_a_clear() -> None:
+    async def scenario() -> list[SessionEvent]:
+        session, events = make(ScriptedModel("ok"))
+        await session.push_audio(silence(2.0))
+        session.clear_audio()
+        await speak(session, 0.6)
+        await session.drain()
+        return events
+
+    events = asyncio.run(scenario())
+    started = next(e for e in events if isinstance(e, SpeechStarted))
+    assert 2.05 < started.at_s < 2.35
+
+
+async def _until(events: list[SessionEvent], kind: type, timeout: float = 10) -> list[SessionEvent]:
+    async with asyncio.timeout(timeout):
+        while not any(isinstance(e, kind) for e in events):
+            await asyncio.sleep(0.01)
+    return events

@@ -146,7 +146,8 @@ def test_noise_takes_no_turn_and_a_failing_stage_fails_only_its_turn() -> None:
 
 def test_a_backend_failing_mid_reply_fails_that_turn_only() -> None:
     # not live: the second phrase must not barge in on the first reply before it fails
-    chat, recorder = voice(ScriptedSource(2, live=False), ["first", "second"], ScriptedModel("broken reply", fail_after=3))
+    model = ScriptedModel("broken reply", fail_after=3)
+    chat, recorder = voice(ScriptedSource(2, live=False), ["first", "second"], model)
     assert chat.run() == 2
     assert [kind for kind, _ in recorder.events] == ["transcript", "error", "transcript", "error"]
     assert chat.session.conversation.turns == []

@@ -42,7 +42,7 @@ class RealtimeClient:
                 print(f"you: {event['transcript']}", flush=True)
             elif kind == "response.created":
                 sys.stdout.write("assistant: ")
-            elif kind == "response.text.delta":
+            elif kind == "response.output_text.delta":
                 sys.stdout.write(event["delta"])
                 sys.stdout.flush()
             elif kind == "response.done":
@@ -126,6 +126,18 @@ async def run_client(url: str, *, api_key: str | None, audio: Sequence[str], mic
         return 2
     async with ws:
         client = RealtimeClient(ws)
+        # this client prints text and sends 16 kHz audio; the Realtime API's defaults are speech and 24 kHz
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "output_modalities": ["text"],
+                        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+                    },
+                }
+            )
+        )
         receiving = asyncio.create_task(client.receive())
         try:
             if audio:

@@ -62,9 +62,8 @@ AUDIO_DELTA_S = 0.2  # reply audio is sent in pieces of this length
 SEND_TIMEOUT_S = 30.0  # a client that reads nothing for this long is treated as gone
 # names the Realtime API defines that this server accepts and ignores (they change nothing here)
 IGNORED_SESSION_KEYS = {"object", "id", "expires_at", "include", "tracing", "truncation", "client_secret",
-                        "parallel_tool_calls", "reasoning"}  # fmt: skip
-OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
-                 "marin", "cedar")  # fmt: skip
+                        "parallel_tool_calls", "reasoning",
+                        "conversation_id", "history_messages"}  # fmt: skip  # the last two: ours, echoed back
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
 EAGERNESS_SILENCE_MS = {"low": 1000, "medium": 600, "auto": 600, "high": 300}  # semantic_vad mapped to silence
 
@@ -267,7 +266,11 @@ class RealtimeSession:
             "conversation.item.retrieve": self._item_retrieve,
             "response.create": self._response_create,
             "response.cancel": self._response_cancel,
+            "auth": self._auth_again,
         }
+
+    async def _auth_again(self, event: dict[str, Any]) -> None:
+        """An auth event on a server without keys, or after the key was accepted: nothing to do."""
 
     async def _append(self, event: dict[str, Any]) -> None:
         audio = event.get("audio")
@@ -311,7 +314,8 @@ class RealtimeSession:
 
     async def _item_retrieve(self, event: dict[str, Any]) -> None:
         item_id = _string(event, "item_id", "conversation.item.retrieve")
-        item = self._item(item_id, self.voice.item(item_id), "completed")
+        message = self.voice.item(item_id)
+        item = self._item(item_id, message, "incomplete" if message.cut else "completed")
         await self._send({"type": "conversation.item.retrieved", "item": item})
 
     async def _response_create(self, event: dict[str, Any]) -> None:
@@ -334,8 +338,6 @@ class RealtimeSession:
                                           "response.create"),
             voice=self._checked_voice(voice) if voice is not None else None,
         )  # fmt: skip
-        if options.modalities is not None and "audio" in options.modalities:
-            self._require_speech()
         await self.voice.respond(options, started=time.monotonic())
 
     async def _response_cancel(self, event: dict[str, Any]) -> None:
@@ -357,17 +359,7 @@ class RealtimeSession:
     def _checked_voice(self, voice: Any) -> str:
         if isinstance(voice, dict):
             voice = voice.get("id")
-        if not isinstance(voice, str):
-            raise ConfigError("voice: give a voice name (auto, piper, espeak-ng, espeak-ng:VOICE, or an OpenAI name)")
-        speech = self._services.speech
-        if speech is None:
-            return voice
-        return "auto" if voice in OPENAI_VOICES else str(speech.check_voice(voice))
-
-    def _require_speech(self) -> None:
-        if self._services.speech is None:
-            raise ConfigError("output_modalities ['audio']: this server has no voice out (install the tts extra: "
-                              "pip install 'assistant[tts]'); use ['text']")  # fmt: skip
+        return str(self._services.speech.check_voice(voice))  # OpenAI's names are accepted: they mean "auto"
 
     def _describe_input(self) -> str:
         if self._input.type == "audio/pcm":
@@ -460,6 +452,7 @@ class RealtimeSession:
             await self._send({"type": "conversation.item.input_audio_transcription.failed", "item_id": event.item_id,
                               "content_index": 0, "error": _error_fields(error)})  # fmt: skip
             await self._error(error if isinstance(error, AssistantError) else AssistantError(str(error)))
+            await self._forget(event.item_id)  # announced at commit, never in the conversation
         elif isinstance(event, ItemAdded):
             await self._item_added(event)
         elif isinstance(event, ItemDeleted):
@@ -483,8 +476,9 @@ class RealtimeSession:
 
     async def _speech_stopped(self, event: SpeechStopped) -> None:
         previous = self.voice.items[-1] if self.voice.items else None
-        await self._send({"type": "input_audio_buffer.speech_stopped", "item_id": event.item_id,
-                          "audio_end_ms": round(event.at_s * 1000)})  # fmt: skip
+        if self.voice.options.turn_detection is not None:  # a manual commit is only "committed"
+            await self._send({"type": "input_audio_buffer.speech_stopped", "item_id": event.item_id,
+                              "audio_end_ms": round(event.at_s * 1000)})  # fmt: skip
         await self._send({"type": "input_audio_buffer.committed", "item_id": event.item_id,
                           "previous_item_id": previous})  # fmt: skip
         self._audio_items.add(event.item_id)
@@ -498,8 +492,13 @@ class RealtimeSession:
                           "usage": {"type": "duration", "seconds": round(event.audio_s, 3)},
                           "audio_s": round(event.audio_s, 3), "latency_ms": round(event.latency_ms)})  # fmt: skip
         if not event.text:  # noise: the announced item is gone, no turn is taken
-            self._announced.discard(event.item_id)
-            await self._send({"type": "conversation.item.deleted", "item_id": event.item_id})
+            await self._forget(event.item_id)
+
+    async def _forget(self, item_id: str) -> None:
+        """An item the client was told about that did not make it into the conversation."""
+        if item_id in self._announced:
+            self._announced.discard(item_id)
+            await self._send({"type": "conversation.item.deleted", "item_id": item_id})
 
     async def _item_added(self, event: ItemAdded) -> None:
         item = self._item(event.item_id, event.message, "incomplete" if event.message.cut else "completed")
@@ -563,9 +562,9 @@ class RealtimeSession:
             await self._send({"type": "response.output_item.done", "response_id": event.response_id,
                               "output_index": 0, "item": item})  # fmt: skip
         else:
-            self._announced.discard(event.item_id)
             error = event.error if isinstance(event.error, AssistantError) else AssistantError(str(event.error))
             await self._error(error)
+            await self._forget(event.item_id)
         response = self._response(event.response_id, event.status, modalities, event, item)
         await self._save()
         await self._send({"type": "response.done", "response": response})
@@ -677,8 +676,6 @@ class _SessionUpdate:
 
     def apply(self) -> None:
         owner = self._owner
-        if "audio" in self.options.modalities:
-            owner._require_speech()
         if self.instructions is not None:
             owner.voice.chat.conversation.system = self.instructions or None
         owner.voice.chat.sampling = self.sampling
@@ -791,8 +788,9 @@ class _SessionUpdate:
             return  # transcripts are always made: the reply needs them
         if not isinstance(value, dict):
             raise ConfigError(f"session.update: {where} must be an object with model, language, prompt")
-        for key in set(value) - {"model", "language", "prompt"}:
+        for key in set(value) - {"model", "language", "prompt", "delay", "keywords", "languages"}:
             raise ConfigError(f"session.update: {where}.{key} is not supported; {where} takes model, language, prompt")
+        # delay, keywords, languages: hints of OpenAI's own transcription models, accepted and ignored
         if "language" in value:
             self._replace(language=self._language(value["language"], f"{where}.language"))
         if "prompt" in value:
@@ -880,7 +878,7 @@ def parse_event(text: str) -> dict[str, Any]:
 
 def _error_fields(exc: BaseException, event_id: str | None = None, code: str | None = None) -> dict[str, Any]:
     our_code = getattr(exc, "code", "error")
-    client_side = our_code in ("config", "limit", "unauthorized", "conversation")
+    client_side = our_code in ("config", "limit", "unauthorized", "conversation", "prompt-too-long")
     kind = "invalid_request_error" if client_side else "server_error"
     message = exc.message if isinstance(exc, AssistantError) else str(exc)
     return {"type": kind, "code": code or our_code, "message": message, "param": None, "event_id": event_id}
@@ -905,21 +903,20 @@ def _modalities(value: Any, where: str) -> tuple[Any, ...]:
         return tuple(value)
     if isinstance(value, list) and sorted(value) == ["audio", "text"]:  # the beta default: audio with its transcript
         return ("audio",)
-    raise ConfigError(f"{where}: {value!r} is not valid; use [\"text\"] or [\"audio\"] (audio carries its transcript)")
+    raise ConfigError(f'{where}: {value!r} is not valid; use ["text"] or ["audio"] (audio carries its transcript)')
 
 
 def _max_tokens(value: Any, where: str) -> int | None:
     if value is None or value == "inf":
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{where}: max_output_tokens must be an integer >= 1 or \"inf\"")
+        raise ConfigError(f'{where}: max_output_tokens must be an integer >= 1 or "inf"')
     return value
 
 
 def _audio_format(value: Any, where: str) -> AudioFormat:
     if not isinstance(value, dict):
-        raise ConfigError(f"session.update: {where} must be an object like "
-                          '{"type": "audio/pcm", "rate": 24000}')
+        raise ConfigError(f'session.update: {where} must be an object like {{"type": "audio/pcm", "rate": 24000}}')
     kind = value.get("type", "audio/pcm")
     if kind in ("audio/pcmu", "audio/pcma"):
         return AudioFormat(kind, G711_RATE)
