@@ -191,11 +191,13 @@ class InputConfig:
     max_utterance_s: float = 30.0  # a turn longer than this is cut and answered
     barge_in: bool = True  # speaking while a reply streams cancels it (live sources only)
     realtime: bool = False  # file source: play files at speaking pace (barge-in and latency as with a microphone)
+    partial_interval_s: float = 1.0  # live partial transcripts: speech between two (when the model is idle); 0 = off
 
     def __post_init__(self) -> None:
         choices = ("auto", "text", *registry.SOURCES)
         _require(self.source in choices, "input.source", self.source, f"one of {', '.join(choices)}")
         _require(0 < self.max_utterance_s <= 30, "input.max_utterance_s", self.max_utterance_s, "a number in (0, 30]")
+        _require(self.partial_interval_s >= 0, "input.partial_interval_s", self.partial_interval_s, "seconds >= 0")
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,7 @@ class ServerConfig:
     idle_timeout_s: float = 300.0  # a WebSocket session with no message and no reply for this long is closed
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides the server's own address
     conversation_dir: str | None = None  # each WebSocket session's conversation saved here after every turn
+    output_modalities: tuple[Literal["text", "audio"], ...] = ("audio",)  # realtime replies: spoken (the API's) or text
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "server.port", self.port, "a TCP port number")
@@ -261,6 +264,8 @@ class ServerConfig:
             _require(getattr(self, name) > 0, f"server.{name}", getattr(self, name), "a positive number")
         _require(self.max_message_kb >= 1, "server.max_message_kb", self.max_message_kb, "an integer >= 1")
         _require(all(key.strip() for key in self.api_keys), "server.api_keys", self.api_keys, "non-empty keys")
+        _require(len(self.output_modalities) == 1, "server.output_modalities", self.output_modalities,
+                 "[audio] (spoken replies with their transcript) or [text]")  # fmt: skip
 
 
 @dataclass(frozen=True)

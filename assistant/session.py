@@ -635,7 +635,8 @@ class VoiceSession:
                                        stats, None, error=failure))  # fmt: skip
             self._response_item = None
             return
-        cancelled = stats.finish_reason == "cancelled"
+        # a cancel after the text was complete, while it was still being spoken, cancels the rest of the speech
+        cancelled = stats.finish_reason == "cancelled" or cancel.is_set()
         if reply is not None:
             self.items.append(item_id)
             text = reply.text

@@ -245,7 +245,7 @@ def test_client_killed_mid_reply_frees_its_session_and_the_worker(server: Runnin
                 await ws.send(json.dumps({{"type": "conversation.item.create",
                                           "item": {{"role": "user", "content": "Tell a very long story."}}}}))
                 await ws.send(json.dumps({{"type": "response.create"}}))
-                while json.loads(await ws.recv())["type"] != "response.text.delta":
+                while json.loads(await ws.recv())["type"] != "response.output_text.delta":
                     pass
                 print("streaming", flush=True)
                 time.sleep(60)
@@ -324,7 +324,7 @@ def test_full_and_read_only_conversation_directory(server: RunningServer, small_
             errors = [e for e in events if e["type"] == "error"]
             assert errors and errors[0]["error"]["code"] == "output", events
             assert "No space left" in errors[0]["error"]["message"] and "not saved" in errors[0]["error"]["message"]
-            assert any(e["type"] == "response.text.delta" for e in events)  # the reply itself was delivered
+            assert any(e["type"] == "response.output_text.delta" for e in events)  # the reply itself was delivered
             assert len(Conversation.load(saved).messages()) == 3  # the previous file, whole
             filler.unlink()
             assert (await typed_turn(ws, "Three."))[-1]["response"]["status"] == "completed"

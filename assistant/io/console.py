@@ -210,8 +210,11 @@ class ConsoleSink:
                 f"[{metrics.audio_s:.1f} s of speech; end of speech -> transcript "
                 f"{metrics.speech_end_to_transcript_ms:.0f} ms -> first reply character "
                 f"{metrics.transcript_to_first_char_ms:.0f} ms (total {metrics.speech_end_to_first_char_ms:.0f} ms"
-                + (f", first audio {metrics.speech_end_to_first_audio_ms:.0f} ms"
-                   if metrics.speech_end_to_first_audio_ms is not None else "")
+                + (
+                    f", first audio {metrics.speech_end_to_first_audio_ms:.0f} ms"
+                    if metrics.speech_end_to_first_audio_ms is not None
+                    else ""
+                )
                 + "); "
                 f"{metrics.tokens_per_s:.1f} tok/s]",
                 file=sys.stderr,

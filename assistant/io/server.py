@@ -36,6 +36,7 @@ from assistant.errors import AssistantError, AudioDecodeError, AuthError, BusyEr
 from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ROLES, Message
 from assistant.pipeline import TranscriptionPipeline
+from assistant.session import Services as SessionServices
 from assistant.tts.base import Speech, check_speed
 from assistant.tts.encode import FORMATS, encode
 from assistant.worker import ModelWorker
@@ -73,7 +74,9 @@ class Services:
         transcription = TranscriptionPipeline.from_config(config)
         pending = config.server.max_pending
         return cls(config, chat_model, transcription, ModelWorker(pending), api_keys_of(config),
-                   Speech.from_config(config.tts), ModelWorker(pending, name="speech-worker"))  # fmt: skip
+                   Speech.from_config(config.tts),
+                   # each spoken reply keeps up to two sentences queued for synthesis (session.SYNTHESIS_AHEAD)
+                   ModelWorker(max(pending, 2 * config.server.max_sessions), name="speech-worker"))  # fmt: skip
 
     def key_of(self, offered: str) -> str | None:
         """The configured key ``offered`` matches (compared in constant time); "" when the server has no keys."""
@@ -115,6 +118,16 @@ class Services:
     def release_conversation(self, path: Path) -> None:
         with self.lock:
             self.open_conversations.discard(path)
+
+    def session_services(self) -> SessionServices:
+        """What a voice session uses: the recogniser, the workers, the voice, a new VAD per stream."""
+        vad = self.config.vad
+
+        def probability() -> Any:
+            return registry.create("vad", vad.backend, vad).frame_probability()
+
+        return SessionServices(self.transcription.transcriber, self.worker, self.speech, self.speech_worker,
+                               probability, self.config.asr.zh_script)  # fmt: skip
 
 
 def api_keys_of(config: Config) -> tuple[str, ...]:

