@@ -35,7 +35,7 @@ def chat(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 def test_piped_lines_are_turns_and_the_conversation_is_saved(tmp_path: Path) -> None:
     saved = tmp_path / "chat.json"
-    result = chat("--system", "You are a helpful assistant.", "--save", str(saved), "--verbose",
+    result = chat("--system", "You are a helpful AI assistant.", "--save", str(saved), "--verbose",
                   stdin="What is the capital of France?\n/bogus\nAnd of Italy?\n")  # fmt: skip
     assert result.returncode == 1  # one line failed (the unknown command); the others were answered
     assert "command: unknown command /bogus; /help lists the commands" in result.stderr
@@ -43,7 +43,7 @@ def test_piped_lines_are_turns_and_the_conversation_is_saved(tmp_path: Path) -> 
     assert result.stderr.count("tok/s") == 2 and "cached" in result.stderr
     data = json.loads(saved.read_text(encoding="utf-8"))
     assert [m["role"] for m in data["messages"]] == ["user", "assistant", "user", "assistant"]
-    assert data["system"] == "You are a helpful assistant."
+    assert data["system"] == "You are a helpful AI assistant."
 
 
 def test_load_resumes_and_commands_edit_the_history(tmp_path: Path) -> None:

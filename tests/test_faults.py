@@ -29,7 +29,7 @@ import pytest
 
 from assistant.conversation import Conversation
 from tests.conftest import require, require_offline_models, require_tool, speak
-from tests.test_server import events_until, free_port, start_server, ws_url
+from tests.test_server import ANSWERED, events_until, free_port, start_server, ws_url
 
 pytestmark = [pytest.mark.real_model, pytest.mark.reliability]
 openai = pytest.importorskip("openai")
@@ -134,11 +134,11 @@ def test_out_of_memory_mid_reply_fails_that_turn_and_keeps_the_conversation(
     async def session() -> None:
         async with websockets.connect(ws_url(base)) as ws:
             await events_until(ws, "session.created")
-            assert (await typed_turn(ws, "第一个问题"))[-1]["response"]["status"] == "completed"
+            assert (await typed_turn(ws, "第一个问题"))[-1]["response"]["status"] in ANSWERED
             faults.arm(torch.OutOfMemoryError("CUDA out of memory"), after_calls=5)
             failed = await typed_turn_until_error(ws, "第二个问题")
             assert failed["error"]["code"] == "llm-failed" and "ran out of memory" in failed["error"]["message"]
-            assert (await typed_turn(ws, "第三个问题"))[-1]["response"]["status"] == "completed"
+            assert (await typed_turn(ws, "第三个问题"))[-1]["response"]["status"] in ANSWERED
             await ws.send(json.dumps({"type": "session.update", "session": {}}))
             updated = (await events_until(ws, "session.updated"))[-1]
             assert updated["session"]["history_messages"] == 4  # turns 1 and 3; the failed turn left no trace
@@ -149,7 +149,11 @@ def test_out_of_memory_mid_reply_fails_that_turn_and_keeps_the_conversation(
 async def typed_turn_until_error(ws: Any, text: str) -> dict[str, Any]:
     await ws.send(json.dumps({"type": "conversation.item.create", "item": {"role": "user", "content": text}}))
     await ws.send(json.dumps({"type": "response.create"}))
-    return (await events_until(ws, "error"))[-1]
+    error = (await events_until(ws, "error"))[-1]
+    # as in the Realtime API, every response ends with response.done: here with status failed and the same error
+    done = (await events_until(ws, "response.done"))[-1]["response"]
+    assert done["status"] == "failed" and done["status_details"]["error"]["code"] == error["error"]["code"]
+    return error
 
 
 # --- a real server process and what happens around it -----------------------------------------------------------
@@ -260,7 +264,7 @@ def test_client_killed_mid_reply_frees_its_session_and_the_worker(server: Runnin
         started = time.monotonic()
         async with websockets.connect(ws_url(base)) as ws:
             await events_until(ws, "session.created")
-            assert (await typed_turn(ws, "Hi"))[-1]["response"]["status"] == "completed"
+            assert (await typed_turn(ws, "Hi"))[-1]["response"]["status"] in ANSWERED
         assert time.monotonic() - started < 15  # the abandoned 300-token reply did not hold the worker
 
     asyncio.run(next_client())
@@ -317,7 +321,7 @@ def test_full_and_read_only_conversation_directory(server: RunningServer, small_
         async with websockets.connect(ws_url(base)) as ws:
             created = (await events_until(ws, "session.created"))[-1]["session"]
             saved = small_disk / "conversations" / f"{created['conversation_id']}.json"
-            assert (await typed_turn(ws, "One."))[-1]["response"]["status"] == "completed"
+            assert (await typed_turn(ws, "One."))[-1]["response"]["status"] in ANSWERED
             assert len(Conversation.load(saved).messages()) == 3  # system + one exchange
             fill(filler)
             events = await typed_turn(ws, "Two.")
@@ -327,7 +331,7 @@ def test_full_and_read_only_conversation_directory(server: RunningServer, small_
             assert any(e["type"] == "response.output_text.delta" for e in events)  # the reply itself was delivered
             assert len(Conversation.load(saved).messages()) == 3  # the previous file, whole
             filler.unlink()
-            assert (await typed_turn(ws, "Three."))[-1]["response"]["status"] == "completed"
+            assert (await typed_turn(ws, "Three."))[-1]["response"]["status"] in ANSWERED
             assert len(Conversation.load(saved).messages()) == 7  # nothing lost: turn two was kept in memory
             subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
             try:
@@ -336,7 +340,7 @@ def test_full_and_read_only_conversation_directory(server: RunningServer, small_
                 assert errors and "Read-only file system" in errors[0]["error"]["message"], events
             finally:
                 subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
-            assert (await typed_turn(ws, "Five."))[-1]["response"]["status"] == "completed"
+            assert (await typed_turn(ws, "Five."))[-1]["response"]["status"] in ANSWERED
             assert len(Conversation.load(saved).messages()) == 11
 
     asyncio.run(session())
