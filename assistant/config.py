@@ -191,7 +191,7 @@ class InputConfig:
     max_utterance_s: float = 30.0  # a turn longer than this is cut and answered
     barge_in: bool = True  # speaking while a reply streams cancels it (live sources only)
     realtime: bool = False  # file source: play files at speaking pace (barge-in and latency as with a microphone)
-    partial_interval_s: float = 1.0  # live partial transcripts: speech between two (when the model is idle); 0 = off
+    partial_interval_s: float = 0.5  # live partial transcripts: new speech between two (model idle only); 0 = off
 
     def __post_init__(self) -> None:
         choices = ("auto", "text", *registry.SOURCES)

@@ -69,6 +69,15 @@ class Endpointer:
             return None
         return np.concatenate(self._speech)
 
+    def settled_speech(self) -> np.ndarray | None:
+        """In a pause after speech, once ``speech_pad_ms`` of it has passed, the utterance is fixed: more silence is
+        trimmed, so if the pause lasts until ``min_silence_ms`` these are exactly its samples. None otherwise. Lets a
+        recogniser start before the end of the turn is certain."""
+        if not self._started or self._silence_run < max(self._pad, 1):
+            return None
+        keep = len(self._speech) - (self._silence_run - self._pad)
+        return np.concatenate(self._speech[:keep])
+
     @property
     def pad_samples(self) -> int:
         """Samples of padding an utterance keeps after its last speech frame."""

@@ -75,6 +75,11 @@ Emit = Callable[[SessionEvent], Awaitable[None]]
 SYNTHESIS_AHEAD = 2  # sentences of one reply given to the speech worker before the current one is sent
 
 
+def _word_key(word: str) -> str:
+    """A word as hypotheses are compared: 'the...' and 'The' agree."""
+    return word.strip(".,!?;:…-'\"。，！？；：、").lower()
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
@@ -127,7 +132,7 @@ class SessionOptions:
     modalities: tuple[Modality, ...] = ("text",)  # ("audio",): replies are spoken, their text is the transcript
     voice: str = "auto"
     speed: float = 1.0
-    partial_interval_s: float = 1.0  # speech between live partial transcripts; 0 = none
+    partial_interval_s: float = 0.5  # new speech between live partial transcripts; 0 = none
     max_turn_audio_s: float = 60.0  # audio of one manually committed turn
     max_utterance_s: float = 30.0  # server VAD: a turn this long is cut and answered
     min_speech_ms: int = 250
@@ -207,6 +212,7 @@ class _Partial:
     utterance: int  # which utterance of the session
     samples: int  # how much of it was recognised
     task: asyncio.Task[str]
+    final: bool = True  # made as the final transcript would be (not with a language borrowed from a partial)
 
 
 @dataclass
@@ -216,7 +222,7 @@ class _Turn:
     audio: Audio | None = None
     item_id: str = ""
     speech_end: float = 0.0
-    partial: _Partial | None = None
+    ahead: list[_Partial] = field(default_factory=list)  # recognitions of it started before it ended
     respond: ResponseOptions | None = None
     add: Message | None = None
 
@@ -245,8 +251,10 @@ class VoiceSession:
         self._speech_item: str | None = None  # the item the speech in progress becomes
         self._utterances = 0
         self._partial: _Partial | None = None
+        self._settled: _Partial | None = None  # the final transcript recognised in the pause before the turn ends
+        self._partial_language: str | None = None  # detected by the first partial of the utterance in progress
         self._partial_event: asyncio.Future[None] | None = None  # the last partial transcript being sent
-        self._partial_words: list[str] = []  # the previous hypothesis
+        self._partial_words: list[str] = []  # the previous hypothesis, as comparison keys
         self._agreed = 0  # words of the current utterance already sent as partial deltas
         self._turns: asyncio.Queue[_Turn | None] = asyncio.Queue()
         self._turn_loop: asyncio.Task[None] | None = None
@@ -278,7 +286,7 @@ class VoiceSession:
         events = await asyncio.to_thread(lambda: list(segmenter.push(samples)))
         for event in events:
             await self._segmented(event)
-        self._maybe_partial()
+        self._speculate()
 
     async def commit(self) -> None:
         """End the user's turn now: push-to-talk release, end of a file, or a client's manual commit."""
@@ -411,7 +419,7 @@ class VoiceSession:
     async def _segmented(self, event: SpeechStarted | Utterance) -> None:
         if isinstance(event, SpeechStarted):
             self._speech_item = new_id("item")
-            self._partial_words, self._agreed = [], 0
+            self._partial_words, self._agreed, self._partial_language = [], 0, None
             detection = self.options.turn_detection
             if self.options.live and (detection is None or detection.interrupt_response):
                 await self._barge_in()
@@ -421,11 +429,11 @@ class VoiceSession:
         item_id = self._speech_item or new_id("item")
         self._speech_item = None
         self._utterances += 1
-        partial, self._partial = self._partial, None
-        if partial is not None and partial.utterance != self._utterances - 1:
-            partial = None
+        ahead = [job for job in (self._settled, self._partial)
+                 if job is not None and job.utterance == self._utterances - 1]  # fmt: skip
+        self._partial = self._settled = None
         await self._emit(SpeechStopped(item_id, event.audio.end_s + self._segment_offset_s))
-        self._turns.put_nowait(_Turn(event.audio, item_id, event.speech_end_clock, partial))
+        self._turns.put_nowait(_Turn(event.audio, item_id, event.speech_end_clock, ahead))
 
     async def _barge_in(self) -> None:
         """The user speaks over the assistant: the reply stops, and a spoken reply still playing is cut where the
@@ -439,33 +447,50 @@ class VoiceSession:
 
     # --- partial transcripts -----------------------------------------------------------------------------------------
 
-    def _maybe_partial(self) -> None:
-        interval = self.options.partial_interval_s
+    def _speculate(self) -> None:
+        """Recognition ahead of the end of the turn, started only while the model worker is idle, so it never makes
+        anyone's work wait: in a pause that has settled the utterance (``Endpointer.settled_speech``), the final
+        transcript itself, ready before the silence window ends; while speech goes on, a partial transcript every
+        ``partial_interval_s`` of new speech."""
         endpointer = self._current_endpointer()
-        if interval <= 0 or endpointer is None or self._speech_item is None:
+        if endpointer is None or self._speech_item is None or not self._services.worker.idle:
             return
-        if self._partial is not None and not self._partial.task.done():
+        if any(job is not None and not job.task.done() for job in (self._partial, self._settled)):
             return
+        settled = endpointer.settled_speech()
+        if settled is not None:
+            known = self._settled is not None and (self._settled.utterance, self._settled.samples) == (
+                self._utterances, len(settled))  # fmt: skip
+            if not known:
+                self._settled = self._ahead(settled)
+            return
+        interval = self.options.partial_interval_s
         speech = endpointer.current_speech()
-        if speech is None or not self._services.worker.idle:
+        if interval <= 0 or speech is None:
             return
         done = self._partial.samples if self._partial is not None and self._partial.utterance == self._utterances else 0
         if len(speech) - done < interval * SAMPLE_RATE:
             return
-        audio = Audio(speech)
-        task = asyncio.ensure_future(self._services.worker.run(lambda: self._recognise(audio)))
-        self._partial = _Partial(self._utterances, len(speech), task)
+        # the language the first partial of this utterance detected: later partials skip detection (an encoder pass)
+        self._partial = self._ahead(speech, self._partial_language)
         item_id = self._speech_item
-        task.add_done_callback(lambda done_task: self._partial_done(done_task, item_id))
+        self._partial.task.add_done_callback(lambda done_task: self._partial_done(done_task, item_id))
+
+    def _ahead(self, samples: np.ndarray, language: str | None = None) -> _Partial:
+        """Recognise ``samples`` on the worker; ``language`` (for partials only) saves detecting it again."""
+        audio, chosen = Audio(samples), language or self.options.language
+        task = asyncio.ensure_future(self._services.worker.run(lambda: self._recognise(audio, chosen)))
+        return _Partial(self._utterances, len(samples), task, final=chosen == self.options.language)
 
     def _partial_done(self, task: asyncio.Task[str], item_id: str) -> None:
         if task.cancelled() or task.exception() is not None or item_id != self._speech_item:
             return  # a failed partial is not worth a word: the final transcript will say it
         words = task.result().split()
+        keys = [_word_key(word) for word in words]
         agreed = 0
-        while agreed < min(len(words), len(self._partial_words)) and words[agreed] == self._partial_words[agreed]:
+        while agreed < min(len(keys), len(self._partial_words)) and keys[agreed] == self._partial_words[agreed]:
             agreed += 1
-        self._partial_words = words
+        self._partial_words = keys
         delta = " ".join(words[self._agreed : agreed]) if agreed > self._agreed else ""
         if delta and self._agreed:
             delta = " " + delta
@@ -476,9 +501,10 @@ class VoiceSession:
         fixed = self._fixed_segmenter
         return fixed if isinstance(fixed, Endpointer) else self._endpointer
 
-    def _recognise(self, audio: Audio) -> str:
+    def _recognise(self, audio: Audio, language: str | None) -> str:
         transcriber = self._services.transcriber
-        result = transcriber.transcribe_many([audio], language=self.options.language, timestamps=False)[0]
+        result = transcriber.transcribe_many([audio], language=language, timestamps=False)[0]
+        self._partial_language = self._partial_language or result.language
         return apply_zh_script(result, self._services.zh_script).text.strip()
 
     # --- the turn loop -----------------------------------------------------------------------------------------------
@@ -540,12 +566,13 @@ class VoiceSession:
     async def _final_transcript(self, turn: _Turn) -> str:
         audio = turn.audio
         assert audio is not None
-        partial = turn.partial
         endpointer = self._current_endpointer()
         pad = endpointer.pad_samples if endpointer is not None else 0
-        if partial is not None and partial.samples >= len(audio.samples) - pad - FRAME_SAMPLES:
-            with contextlib.suppress(Exception):
-                return await partial.task  # it heard all of the speech: no second recognition
+        for job in turn.ahead:  # the settled cut is the utterance itself; a partial may have heard all of its speech
+            covers = job.samples == len(audio.samples) or job.samples >= len(audio.samples) - pad - FRAME_SAMPLES
+            if covers and job.final:
+                with contextlib.suppress(Exception):
+                    return await job.task  # no second recognition
         transcriber = self._services.transcriber
         language, script = self.options.language, self._services.zh_script
 

@@ -411,3 +411,23 @@ async def _until(events: list[SessionEvent], kind: type, timeout: float = 10) ->
         while not any(isinstance(e, kind) for e in events):
             await asyncio.sleep(0.01)
     return events
+
+
+def test_the_pause_that_ends_a_turn_is_used_to_recognise_it() -> None:
+    """Once the pause has settled the utterance (speech_pad_ms into it), its recognition starts: when the silence
+    window closes the transcript is (nearly) ready, and the recogniser ran once."""
+    transcriber = WordsTranscriber(delay_s=0.3)
+
+    async def scenario() -> list[SessionEvent]:
+        session, events = make(ScriptedModel("ok"), transcriber=transcriber)
+        samples = np.concatenate([silence(0.3), tone(1.1), silence(1.0)])
+        for start in range(0, len(samples), 1600):  # at speaking pace
+            await session.push_audio(samples[start : start + 1600])
+            await asyncio.sleep(0.1)
+        await session.drain()
+        return events
+
+    events = asyncio.run(scenario())
+    final = next(e for e in events if isinstance(e, TranscriptFinal))
+    assert final.text == "one two" and len(transcriber.calls) == 1
+    assert final.latency_ms < 500 + 250  # silence window + scheduling; without it: window + 300 ms of recognition
