@@ -263,6 +263,7 @@ class VoiceSession:
         self._cancel = threading.Event()
         self._cancel_reason = "client_cancelled"
         self._cancelled_at = 0.0
+        self._response_voice: _Voice | None = None  # the speech of the reply in progress
         self.failures = 0
         self._in_turn = False  # the turn loop is working on a turn
 
@@ -345,8 +346,15 @@ class VoiceSession:
 
     async def truncate(self, item_id: str, audio_end_ms: int) -> None:
         """The client heard only the first ``audio_end_ms`` of a spoken reply: keep that much of its text."""
-        if item_id == self._response_item and self.cancel("client_cancelled"):
-            await self._after_response()  # the reply stops where the client stopped playing it
+        in_progress = self._response_voice if item_id == self._response_item else None
+        if in_progress is not None:  # checked before anything stops
+            sent = in_progress.spoken.audio_s if in_progress.spoken is not None else None
+            if sent is None or audio_end_ms < 0 or audio_end_ms > round(sent * 1000):
+                what = "is not a spoken reply" if sent is None else f"has {round(sent * 1000)} ms of audio so far"
+                raise ConfigError(f"conversation.item.truncate: item {item_id!r} {what}; audio_end_ms "
+                                  f"{audio_end_ms} cannot be honoured")  # fmt: skip
+            if self.cancel("client_cancelled"):
+                await self._after_response()  # the reply stops where the client stopped playing it
         spoken = self._spoken.get(item_id)
         index = self._index(item_id)
         if self.chat.conversation.turns[index].role != "assistant" or spoken is None:
@@ -381,6 +389,7 @@ class VoiceSession:
 
     async def close(self) -> None:
         """Stop everything in progress; the session is finished."""
+        self._cancelled_at = self._clock()
         self._cancel.set()
         if self._partial is not None:
             self._partial.task.cancel()
@@ -602,7 +611,7 @@ class VoiceSession:
             raise ConversationError("response.create: there is no user message to answer; add one first "
                                     "(conversation.item.create or audio)")  # fmt: skip
         self._cancel = threading.Event()
-        self._cancel_reason = "client_cancelled"
+        self._cancel_reason, self._cancelled_at = "client_cancelled", 0.0
         response_id, item_id = new_id("resp"), new_id("item")
         self._response_item = item_id
         self._response = asyncio.ensure_future(self._reply(response_id, item_id, options, clocks, self._cancel))
@@ -631,6 +640,7 @@ class VoiceSession:
             yield from reply
 
         voice = _Voice(self, response_id, item_id, speech, options.voice or self.options.voice, cancel)
+        self._response_voice = voice
         first_char = 0.0
         failure: Exception | None = None
         text = ""
@@ -660,7 +670,7 @@ class VoiceSession:
                 await self._emit(ItemDeleted(dropped))
             await self._emit(ReplyDone(response_id, item_id, text, "failed", getattr(failure, "code", "error"),
                                        stats, None, error=failure))  # fmt: skip
-            self._response_item = None
+            self._response_item, self._response_voice = None, None
             return
         # a cancel after the text was complete, while it was still being spoken, cancels the rest of the speech
         cancelled = stats.finish_reason == "cancelled" or cancel.is_set()
@@ -671,7 +681,7 @@ class VoiceSession:
                 voice.spoken.text = text
                 self._spoken[item_id] = voice.spoken
             await self._emit(ItemAdded(item_id, self._previous(item_id), Message("assistant", text, cut=cancelled)))
-        self._response_item = None
+        self._response_item, self._response_voice = None, None
         if cancelled and voice.spoken is not None and voice.spoken.audio_s > 0:
             await self._truncate(item_id, voice.spoken.heard_s(self._cancelled_at or self._clock()))
         elif cancelled and voice.spoken is not None:  # nothing was heard yet

@@ -431,3 +431,21 @@ def test_the_pause_that_ends_a_turn_is_used_to_recognise_it() -> None:
     final = next(e for e in events if isinstance(e, TranscriptFinal))
     assert final.text == "one two" and len(transcriber.calls) == 1
     assert final.latency_ms < 500 + 250  # silence window + scheduling; without it: window + 300 ms of recognition
+
+
+def test_a_refused_truncate_leaves_the_reply_in_progress_alone() -> None:
+    model = ScriptedModel("Aaaa. Bbbb. " * 20)
+    model.on_token = lambda index: time.sleep(0.005)
+
+    async def scenario() -> list[SessionEvent]:
+        session, events = make(model, speech=FakeSpeech())
+        await session.add_message(Message("user", "talk"))
+        await session.respond()
+        started = next(e for e in await _until(events, ReplyAudio) if isinstance(e, ReplyStarted))
+        with pytest.raises(ConfigError, match="ms of audio so far"):
+            await session.truncate(started.item_id, 60_000)
+        await session.drain()
+        return events
+
+    events = asyncio.run(scenario())
+    assert next(e for e in events if isinstance(e, ReplyDone)).status == "incomplete"  # max tokens, not cancelled
