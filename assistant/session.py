@@ -376,9 +376,6 @@ class VoiceSession:
     def item(self, item_id: str) -> Message:
         return self.chat.conversation.turns[self._index(item_id)]
 
-    def previous_item(self, item_id: str) -> str | None:
-        return self._previous(item_id)
-
     async def drain(self) -> None:
         """Wait until every queued turn is answered (the end of a file source)."""
         self._ensure_loop()

@@ -41,7 +41,8 @@ fi
 if ! .venv/bin/python scripts/check_llama_cpp.py; then
   echo "setup: llama-cpp-python does not run on this CPU; compiling it again (about 5 minutes)"
   version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))")
-  "${pip[@]}" --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$version"
+  .venv/bin/python -m pip cache remove llama_cpp_python >/dev/null 2>&1 || true  # the bad wheel, for good
+  "${pip[@]}" --force-reinstall --no-deps "llama-cpp-python==$version"
   .venv/bin/python scripts/check_llama_cpp.py
 fi
 .venv/bin/assistant models

@@ -321,12 +321,7 @@ def create_app(services: Services) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request) -> Any:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ConfigError("the body is not valid JSON; send an OpenAI chat completions request") from None
-        if not isinstance(body, dict):
-            raise ConfigError("the body must be a JSON object")
+        body = await json_object(request, "an OpenAI chat completions request")
         messages = messages_from_request(body.get("messages"))
         params = sampling_from_request(config.llm.sampling, body)
         continue_last = messages[-1].role == "assistant"
@@ -388,12 +383,7 @@ def create_app(services: Services) -> FastAPI:
 
     @app.post("/v1/audio/speech")
     async def speech(request: Request) -> Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ConfigError("the body is not valid JSON; send an OpenAI speech request") from None
-        if not isinstance(body, dict):
-            raise ConfigError("the body must be a JSON object with input, voice and response_format")
+        body = await json_object(request, "an OpenAI speech request: a JSON object with input, voice, response_format")
         asked = speech_from_request(body, services.speech)
 
         def speak() -> tuple[bytes, str]:
@@ -417,6 +407,17 @@ def create_app(services: Services) -> FastAPI:
         return FileResponse(index, media_type="text/html")
 
     return app
+
+
+async def json_object(request: Request, expected: str) -> dict[str, Any]:
+    """The request's JSON body, which must be an object; ConfigError naming ``expected`` otherwise."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ConfigError(f"the body is not valid JSON; send {expected}") from None
+    if not isinstance(body, dict):
+        raise ConfigError(f"the body must be a JSON object; send {expected}")
+    return body
 
 
 def _usage(stats: Any) -> dict[str, int]:
