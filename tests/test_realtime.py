@@ -281,3 +281,20 @@ def test_g711_and_beta_session_shape(server: str, tmp_path: Path) -> None:
     assert "capital" in transcript.lower()
     audio = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
     assert len(audio) / 8000 > 0.5  # one byte per sample at 8 kHz
+
+
+def test_our_client_speaks_a_file_and_types_turns(server: str, tmp_path: Path) -> None:
+    import sys
+
+    question = speak("What is the capital of France?", tmp_path / "q.wav", words_per_minute=120)
+    url = ws_url(server)
+    spoken = subprocess.run([sys.executable, "-m", "assistant", "client", "--url", url, "--audio", str(question)],
+                            capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert spoken.returncode == 0, spoken.stderr
+    lines = spoken.stdout.splitlines()
+    assert any(line.startswith("you: ") and "capital" in line.lower() for line in lines), spoken.stdout
+    assert any(line.startswith("assistant: ") and len(line) > len("assistant: ") for line in lines), spoken.stdout
+    typed = subprocess.run([sys.executable, "-m", "assistant", "client", "--url", url, "--text"],
+                           input="Hello!\nSay yes.\n", capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert typed.returncode == 0, typed.stderr
+    assert typed.stdout.count("assistant: ") == 2, typed.stdout

@@ -25,8 +25,8 @@ IDLE_S = 3.0  # after the input ends: leave once every turn is answered and the 
 class RealtimeClient:
     def __init__(self, ws: Any) -> None:
         self._ws = ws
-        self.pending = 0  # turns whose reply has not finished
-        self.transcribed = 0  # spoken turns the server has transcribed
+        self.pending = 0  # turns committed or typed whose reply has not finished
+        self.committed = 0  # spoken turns the server has cut
         self.last_event = 0.0  # loop time of the last event received
         self.errors = 0
 
@@ -36,10 +36,16 @@ class RealtimeClient:
             event = json.loads(raw)
             kind = event.get("type")
             self.last_event = asyncio.get_running_loop().time()
-            if kind == "conversation.item.input_audio_transcription.completed":
-                self.pending += 1
-                self.transcribed += 1
-                print(f"you: {event['transcript']}", flush=True)
+            if kind == "input_audio_buffer.committed":
+                self.pending += 1  # to be transcribed, then answered
+                self.committed += 1
+            elif kind == "conversation.item.input_audio_transcription.completed":
+                if event["transcript"]:
+                    print(f"you: {event['transcript']}", flush=True)
+                else:  # noise: no turn, no reply
+                    self.pending = max(0, self.pending - 1)
+            elif kind == "conversation.item.input_audio_transcription.failed":
+                self.pending = max(0, self.pending - 1)
             elif kind == "response.created":
                 sys.stdout.write("assistant: ")
             elif kind == "response.output_text.delta":
@@ -78,7 +84,7 @@ class RealtimeClient:
             result = subprocess.run(command, capture_output=True)
             if result.returncode != 0:
                 raise AudioDecodeError(f"cannot read '{path}': {result.stderr.decode(errors='replace').strip()}")
-            before = self.transcribed
+            before = self.committed
             for start in range(0, len(result.stdout), CHUNK_BYTES):
                 await self._ws.send(result.stdout[start : start + CHUNK_BYTES])
             await self._ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
@@ -88,7 +94,7 @@ class RealtimeClient:
         """Wait until the server has answered what it transcribed, and stayed quiet for IDLE_S (noise: no turn)."""
         loop = asyncio.get_running_loop()
         self.last_event = loop.time()
-        while self.pending or loop.time() - self.last_event < (0.5 if self.transcribed > since else IDLE_S):
+        while self.pending or loop.time() - self.last_event < (0.5 if self.committed > since else IDLE_S):
             await asyncio.sleep(0.05)
 
     async def microphone(self, device: str | None) -> None:
