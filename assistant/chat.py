@@ -82,7 +82,9 @@ class ChatSession:
         return self._reply(continue_last=True, cancel=cancel, undo=lambda: None)
 
     def _reply(self, *, continue_last: bool, cancel: threading.Event | None, undo: Callable[[], object]) -> Reply:
-        budget = self.model.context_tokens - self.sampling.max_new_tokens
+        # room kept for the reply: max_new_tokens, but never more than half the context (a client asking for
+        # 4096 or "inf" tokens gets a reply that ends at the context's end, not a prompt-too-long error)
+        budget = self.model.context_tokens - min(self.sampling.max_new_tokens, self.model.context_tokens // 2)
         window = self.conversation.window(self.model.count_tokens, budget)
         inner = self.model.stream(window, self.sampling, continue_last=continue_last, cancel=cancel)
         return Reply(lambda outer: self._committed(outer, inner, undo))

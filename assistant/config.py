@@ -205,7 +205,9 @@ class TtsConfig:
     """Voice out: how replies are spoken (the ``speaker`` sink, ``POST /v1/audio/speech``). See assistant.tts.Speech."""
 
     english_voice: str = "joe-us-piper"  # a Piper voice: the offline package's name or a path to its .onnx
-    chinese_voice: str = "cmn"  # an espeak-ng voice for text with Chinese characters
+    # an espeak-ng voice for text with Chinese characters; Debian's espeak-ng 1.51 "cmn" reads its own tone digits
+    # out as English numbers (espeak-ng issues 1028, 1370): the pinyin voice speaks Mandarin
+    chinese_voice: str = "cmn-latn-pinyin"
     voice: str = "auto"  # default voice: auto (by language) | piper | espeak-ng | espeak-ng:<voice> | english_voice
     speed: float = 1.0  # multiple of the voice's natural pace, 0.25 to 4
 

@@ -359,7 +359,10 @@ class VoiceSession:
         index = self._index(item_id)
         if self.chat.conversation.turns[index].role != "assistant" or spoken is None:
             raise ConfigError(f"conversation.item.truncate: item {item_id!r} is not a spoken reply")
-        if audio_end_ms < 0 or audio_end_ms > round(spoken.audio_s * 1000):
+        if audio_end_ms < 0:
+            raise ConfigError(f"conversation.item.truncate: audio_end_ms {audio_end_ms} is negative; give the "
+                              "milliseconds of the item's audio the user heard")  # fmt: skip
+        if audio_end_ms > round(spoken.audio_s * 1000):
             raise ConfigError(f"conversation.item.truncate: audio_end_ms {audio_end_ms} is beyond the "
                               f"{round(spoken.audio_s * 1000)} ms of audio that item has")  # fmt: skip
         await self._truncate(item_id, audio_end_ms / 1000)
@@ -530,7 +533,14 @@ class VoiceSession:
                     await self._start_response(turn.respond, (turn.speech_end, turn.speech_end, 0.0))
                 elif turn.add is not None:
                     await self._after_response()
-                    self._append(turn.add, turn.item_id)
+                    try:
+                        self._append(turn.add, turn.item_id)
+                    except ConversationError as exc:
+                        if turn.add.role != "user":
+                            raise
+                        raise ConversationError("conversation.item.create: the last user message has no reply yet; "
+                                                "send response.create first, or remove it with "
+                                                "conversation.item.delete") from exc  # fmt: skip
                     await self._emit(ItemAdded(turn.item_id, self._previous(turn.item_id), turn.add))
             except AssistantError as exc:
                 self.failures += 1

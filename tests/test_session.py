@@ -449,3 +449,17 @@ def test_a_refused_truncate_leaves_the_reply_in_progress_alone() -> None:
 
     events = asyncio.run(scenario())
     assert next(e for e in events if isinstance(e, ReplyDone)).status == "incomplete"  # max tokens, not cancelled
+
+
+def test_a_huge_max_output_tokens_is_bounded_by_the_context() -> None:
+    """Clients send 4096 or "inf": the reply ends at the context's end instead of failing as prompt-too-long."""
+
+    async def scenario() -> list[SessionEvent]:
+        session, events = make(ScriptedModel("Fine."))
+        await session.add_message(Message("user", "hi"))
+        await session.respond(ResponseOptions(max_output_tokens=1_000_000_000))
+        await session.drain()
+        return events
+
+    done = asyncio.run(scenario())[-1]
+    assert isinstance(done, ReplyDone) and done.status == "completed" and done.text == "Fine."

@@ -56,8 +56,8 @@ class FakeSynthesizer:
 def test_auto_and_openai_voices_choose_by_language(voice: str | None) -> None:
     speech = Speech()
     assert speech.choose(ENGLISH, voice) == ("piper", "joe-us-piper")
-    assert speech.choose(CHINESE, voice) == ("espeak-ng", "cmn")
-    assert speech.choose("The word 你好 means hello.", voice) == ("espeak-ng", "cmn")
+    assert speech.choose(CHINESE, voice) == ("espeak-ng", "cmn-latn-pinyin")
+    assert speech.choose("The word 你好 means hello.", voice) == ("espeak-ng", "cmn-latn-pinyin")
 
 
 def test_named_voices_choose_their_backend_whatever_the_text() -> None:
@@ -113,7 +113,7 @@ def test_synthesizers_are_created_on_first_use_and_kept(monkeypatch: pytest.Monk
     speech.synthesize("Again.", speed=0.5)
     speech.synthesize(CHINESE)
     assert audio.sample_rate == 16_000 and audio.duration_s == 0.5
-    assert FakeSynthesizer.made == ["joe-us-piper", "cmn"]
+    assert FakeSynthesizer.made == ["joe-us-piper", "cmn-latn-pinyin"]
     piper = speech.synthesizer("piper", "joe-us-piper")
     assert piper.calls == [(ENGLISH, 1.5), ("Again.", 0.5)]  # type: ignore[attr-defined]
 
@@ -253,3 +253,11 @@ def test_speed_two_is_clearly_shorter(voice: str) -> None:
     fast = speech.synthesize(text, voice=voice, speed=2.0).duration_s
     slow = speech.synthesize(text, voice=voice, speed=0.5).duration_s
     assert fast < 0.75 * normal < normal < slow  # Piper: about 0.63 (pauses and edges do not scale)
+
+
+def test_a_list_marker_is_spoken_with_its_item() -> None:
+    from assistant.tts.base import split_sentences
+
+    sentences = (["Steps:", "1. Boil water.", "2. Add tea."], "3")
+    assert split_sentences("Steps:\n1. Boil water. 2. Add tea.\n3") == sentences
+    assert split_sentences("1. ") == ([], "1. ")

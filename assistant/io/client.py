@@ -7,6 +7,7 @@ VAD cuts the turns); ``--mic`` streams the microphone. Uses the event protocol o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -29,9 +30,17 @@ class RealtimeClient:
         self.committed = 0  # spoken turns the server has cut
         self.last_event = 0.0  # loop time of the last event received
         self.errors = 0
+        self.closed = False  # the server closed the connection
 
     async def receive(self) -> None:
         """Print server events until the connection closes."""
+        from websockets.exceptions import ConnectionClosed
+
+        with contextlib.suppress(ConnectionClosed):
+            await self._print_events()
+        self.closed = True  # not when cancelled: then we are the side that leaves
+
+    async def _print_events(self) -> None:
         async for raw in self._ws:
             event = json.loads(raw)
             kind = event.get("type")
@@ -74,7 +83,7 @@ class RealtimeClient:
                 )
             )
             await self._ws.send(json.dumps({"type": "response.create"}))
-            while self.pending:
+            while self.pending and not self.closed:
                 await asyncio.sleep(0.05)
 
     async def audio_files(self, paths: Sequence[str]) -> None:
@@ -94,7 +103,9 @@ class RealtimeClient:
         """Wait until the server has answered what it transcribed, and stayed quiet for IDLE_S (noise: no turn)."""
         loop = asyncio.get_running_loop()
         self.last_event = loop.time()
-        while self.pending or loop.time() - self.last_event < (0.5 if self.committed > since else IDLE_S):
+        while not self.closed and (
+            self.pending or loop.time() - self.last_event < (0.5 if self.committed > since else IDLE_S)
+        ):
             await asyncio.sleep(0.05)
 
     async def microphone(self, device: str | None) -> None:
@@ -127,25 +138,19 @@ async def run_client(url: str, *, api_key: str | None, audio: Sequence[str], mic
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
         ws = await websockets.connect(url, additional_headers=headers, max_size=None)
+    except websockets.exceptions.InvalidURI:
+        print(f"connection: {url!r} is not a WebSocket URL; use ws://HOST:PORT/v1/realtime", file=sys.stderr)
+        return 2
     except (OSError, websockets.exceptions.InvalidHandshake) as exc:
         print(f"connection: cannot connect to {url} ({exc}); is 'assistant serve' running?", file=sys.stderr)
         return 2
     async with ws:
         client = RealtimeClient(ws)
-        # this client prints text and sends 16 kHz audio; the Realtime API's defaults are speech and 24 kHz
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "session.update",
-                    "session": {
-                        "output_modalities": ["text"],
-                        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
-                    },
-                }
-            )
-        )
-        receiving = asyncio.create_task(client.receive())
+        receiving = asyncio.create_task(client.receive())  # first: a refusal arrives as an error event
         try:
+            # this client prints text and sends 16 kHz audio; the Realtime API's defaults are speech and 24 kHz
+            await ws.send(json.dumps({"type": "session.update", "session": {
+                "output_modalities": ["text"], "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}}))
             if audio:
                 await client.audio_files(audio)
             elif mic:
@@ -155,6 +160,14 @@ async def run_client(url: str, *, api_key: str | None, audio: Sequence[str], mic
         except (AudioDecodeError, AudioSourceError) as exc:
             print(exc, file=sys.stderr)
             return 1
+        except websockets.exceptions.ConnectionClosed:
+            pass  # reported below
         finally:
-            receiving.cancel()
+            if not client.closed:
+                receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)  # the server's last events are printed
+        if client.closed:
+            detail = f"code {ws.close_code}" + (f": {ws.close_reason}" if ws.close_reason else "")
+            print(f"connection: the server closed the session ({detail})", file=sys.stderr)
+            return 1
         return 1 if client.errors else 0

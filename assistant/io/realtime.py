@@ -305,8 +305,9 @@ class RealtimeSession:
         item_id = _string(event, "item_id", "conversation.item.truncate")
         audio_end_ms = event.get("audio_end_ms")
         if not isinstance(audio_end_ms, int) or isinstance(audio_end_ms, bool):
-            raise ConfigError("conversation.item.truncate needs 'audio_end_ms': milliseconds of the item's audio "
-                              "the user heard")  # fmt: skip
+            got = "nothing" if audio_end_ms is None else repr(audio_end_ms)
+            raise ConfigError(f"conversation.item.truncate: 'audio_end_ms' must be a whole number of milliseconds of "
+                              f"the item's audio the user heard, not {got}")  # fmt: skip
         if event.get("content_index", 0) != 0:
             raise ConfigError("conversation.item.truncate: content_index must be 0 (a reply has one audio part)")
         await self.voice.truncate(item_id, audio_end_ms)

@@ -46,11 +46,23 @@ class Synthesizer(Protocol):
         ...
 
 
+LIST_MARKER = re.compile(r"(?:\d{1,3}|[A-Za-z])\.")  # "1." or "a." opening a list item: not a sentence of its own
+
+
 def split_sentences(text: str) -> tuple[list[str], str]:
-    """Whole sentences in ``text`` and the unfinished rest."""
+    """Whole sentences in ``text`` and the unfinished rest. A list marker ("1.") stays with the sentence it opens."""
     parts = SENTENCE_END.split(text)
-    done = [p.strip() for p in parts[:-1] if p and p.strip()]
-    return done, parts[-1]
+    done: list[str] = []
+    carried = ""
+    for part in parts[:-1]:
+        sentence = f"{carried} {part.strip()}".strip() if carried else (part or "").strip()
+        carried = ""
+        if LIST_MARKER.fullmatch(sentence):
+            carried = sentence
+        elif sentence:
+            done.append(sentence)
+    rest = parts[-1]
+    return done, f"{carried} {rest.lstrip()}" if carried else rest
 
 
 def has_cjk(text: str) -> bool:
@@ -93,7 +105,12 @@ class Speech:
     """
 
     def __init__(
-        self, *, english_voice: str = "joe-us-piper", chinese_voice: str = "cmn", voice: str = AUTO, speed: float = 1.0
+        self,
+        *,
+        english_voice: str = "joe-us-piper",
+        chinese_voice: str = "cmn-latn-pinyin",
+        voice: str = AUTO,
+        speed: float = 1.0,
     ) -> None:
         if not ESPEAK_VOICE.fullmatch(chinese_voice):
             raise ConfigError(f"tts.chinese_voice: {chinese_voice!r} is not an espeak-ng voice name (e.g. cmn)")
