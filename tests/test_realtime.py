@@ -189,6 +189,8 @@ def test_client_truncate_retrieve_delete_and_bad_input_get_errors(server: str) -
                 ({"type": "session.update", "session": {"tools": [{"type": "function", "name": "f"}]}}, "tools"),
                 ({"type": "session.update", "session": {"bogus": 1}}, "unknown key 'bogus'"),
                 ({"type": "session.update", "session": {"audio": {"output": {"voice": "nobody"}}}}, "voice"),
+                ({"type": "session.update", "session": {"audio": {"output": {"voice": "espeak-ng:nosuchvoice"}}}},
+                 "espeak-ng has no voice 'nosuchvoice'"),
                 ({"type": "response.cancel", "event_id": "evt_1"}, "no response is in progress"),
                 ({"type": "output_audio_buffer.clear"}, "WebRTC"),
                 ({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x01\x02\x03").decode()},

@@ -354,8 +354,15 @@ class RealtimeSession:
             raise ConfigError("session.update needs a 'session' object")
         update = _SessionUpdate(self, session)
         update.parse()
+        if update.options.voice != self.voice.options.voice:
+            await self._try_voice(update.options.voice)
         update.apply()
         await self._send({"type": "session.updated", "session": self._describe()})
+
+    async def _try_voice(self, voice: str) -> None:
+        """An espeak-ng voice is only a name until espeak-ng is asked: ask now, not in the middle of a reply."""
+        if voice.startswith("espeak-ng:"):
+            await asyncio.to_thread(self._services.speech.synthesize, "ok", voice=voice)
 
     def _checked_voice(self, voice: Any) -> str:
         if isinstance(voice, dict):
