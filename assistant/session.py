@@ -128,7 +128,7 @@ class SessionOptions:
 
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)  # None: the client commits turns
     language: str | None = None  # recognition language; None = detect per turn
-    transcription_prompt: str | None = None  # Whisper's initial prompt (names, spelling)
+    transcription_prompt: str | None = None  # Whisper's initial prompt (names, spelling): asr.initial_prompt, read only
     modalities: tuple[Modality, ...] = ("text",)  # ("audio",): replies are spoken, their text is the transcript
     voice: str = "auto"
     speed: float = 1.0

@@ -188,6 +188,8 @@ def test_client_truncate_retrieve_delete_and_bad_input_get_errors(server: str) -
                 ({"type": "session.update", "session": {"output_modalities": ["text", "video"]}}, "output_modalities"),
                 ({"type": "session.update", "session": {"tools": [{"type": "function", "name": "f"}]}}, "tools"),
                 ({"type": "session.update", "session": {"bogus": 1}}, "unknown key 'bogus'"),
+                ({"type": "session.update", "session": {"audio": {"input": {"transcription": {"prompt": "Paris"}}}}},
+                 "asr.initial_prompt"),
                 ({"type": "session.update", "session": {"audio": {"output": {"voice": "nobody"}}}}, "voice"),
                 ({"type": "session.update", "session": {"audio": {"output": {"voice": "espeak-ng:nosuchvoice"}}}},
                  "espeak-ng has no voice 'nosuchvoice'"),

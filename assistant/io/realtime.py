@@ -802,7 +802,10 @@ class _SessionUpdate:
         if "language" in value:
             self._replace(language=self._language(value["language"], f"{where}.language"))
         if "prompt" in value:
-            self._replace(transcription_prompt=_optional_string(value, "prompt", where) or None)
+            prompt = _optional_string(value, "prompt", where) or None
+            if prompt != self.options.transcription_prompt:  # the recogniser takes the server's prompt only
+                raise ConfigError(f"session.update: {where}.prompt cannot be set per session here; set "
+                                  "asr.initial_prompt in the server's configuration")  # fmt: skip
 
     def _language(self, language: Any, where: str) -> str | None:
         from assistant.asr.base import language_error
