@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from assistant.asr.base import PartialTranscriber
 from assistant.asr.text import apply_zh_script
 from assistant.chat import ChatSession
 from assistant.config import Config, VadConfig, ZhScript
@@ -481,15 +482,17 @@ class VoiceSession:
         if len(speech) - done < interval * SAMPLE_RATE:
             return
         # the language the first partial of this utterance detected: later partials skip detection (an encoder pass)
-        self._partial = self._ahead(speech, self._partial_language)
+        self._partial = self._ahead(speech, self._partial_language, partial=True)
         item_id = self._speech_item
         self._partial.task.add_done_callback(lambda done_task: self._partial_done(done_task, item_id))
 
-    def _ahead(self, samples: np.ndarray, language: str | None = None) -> _Partial:
-        """Recognise ``samples`` on the worker; ``language`` (for partials only) saves detecting it again."""
+    def _ahead(self, samples: np.ndarray, language: str | None = None, *, partial: bool = False) -> _Partial:
+        """Recognise ``samples`` on the worker; ``language`` (for partials only) saves detecting it again. A partial
+        uses the backend's quick pass when it has one (``PartialTranscriber``), and is then never a final."""
         audio, chosen = Audio(samples), language or self.options.language
-        task = asyncio.ensure_future(self._services.worker.run(lambda: self._recognise(audio, chosen)))
-        return _Partial(self._utterances, len(samples), task, final=chosen == self.options.language)
+        quick = partial and isinstance(self._services.transcriber, PartialTranscriber)
+        task = asyncio.ensure_future(self._services.worker.run(lambda: self._recognise(audio, chosen, quick=quick)))
+        return _Partial(self._utterances, len(samples), task, final=chosen == self.options.language and not quick)
 
     def _partial_done(self, task: asyncio.Task[str], item_id: str) -> None:
         if task.cancelled() or task.exception() is not None or item_id != self._speech_item:
@@ -510,9 +513,12 @@ class VoiceSession:
         fixed = self._fixed_segmenter
         return fixed if isinstance(fixed, Endpointer) else self._endpointer
 
-    def _recognise(self, audio: Audio, language: str | None) -> str:
+    def _recognise(self, audio: Audio, language: str | None, *, quick: bool = False) -> str:
         transcriber = self._services.transcriber
-        result = transcriber.transcribe_many([audio], language=language, timestamps=False)[0]
+        if quick:
+            result = transcriber.transcribe_partial(audio, language=language)
+        else:
+            result = transcriber.transcribe_many([audio], language=language, timestamps=False)[0]
         self._partial_language = self._partial_language or result.language
         return apply_zh_script(result, self._services.zh_script).text.strip()
 

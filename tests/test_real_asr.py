@@ -139,3 +139,18 @@ def test_noise_and_silence_give_an_empty_transcript(tmp_path, faster):
 def test_translate_task_and_given_language(clip, faster):
     pipeline = _pipeline("faster-whisper", language="en", task="translate")
     assert similarity(pipeline.transcribe_file(clip).transcript.text, " ".join(SENTENCES[:2])) > 0.7
+
+
+def test_quick_partial_pass_hears_an_utterance_in_progress(whisper_base, tmp_path) -> None:
+    """transcribe_partial (encoder on the audio's own length) hears the words so far, and detects the language."""
+    from assistant.asr.base import PartialTranscriber
+    from assistant.asr.faster_whisper import FasterWhisperTranscriber
+    from assistant.messages import Audio
+
+    transcriber = FasterWhisperTranscriber(AsrConfig())
+    assert isinstance(transcriber, PartialTranscriber)
+    speech = load_audio(speak("What is the capital of France?", tmp_path / "q.wav", words_per_minute=120)).samples
+    whole = transcriber.transcribe_partial(Audio(speech), language=None)
+    assert whole.language == "en" and "capital" in whole.text.lower() and "france" in whole.text.lower()
+    begun = transcriber.transcribe_partial(Audio(speech[: len(speech) // 2]), language="en")
+    assert begun.text and "france" not in begun.text.lower()  # only what was said so far

@@ -463,3 +463,34 @@ def test_a_huge_max_output_tokens_is_bounded_by_the_context() -> None:
 
     done = asyncio.run(scenario())[-1]
     assert isinstance(done, ReplyDone) and done.status == "completed" and done.text == "Fine."
+
+
+class QuickWordsTranscriber(WordsTranscriber):
+    """With a quick pass for partials (the PartialTranscriber protocol), like faster-whisper's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quick: list[float] = []
+
+    def transcribe_partial(self, audio: Audio, *, language: str | None) -> Transcript:
+        self.quick.append(audio.duration_s)
+        return self.transcribe_many([audio], language=language)[0]
+
+
+def test_partials_use_the_quick_pass_and_the_final_never_does() -> None:
+    transcriber = QuickWordsTranscriber()
+
+    async def scenario() -> list[SessionEvent]:
+        session, events = make(ScriptedModel("ok"), transcriber=transcriber, partial_interval_s=0.5)
+        samples = np.concatenate([silence(0.3), tone(2.6), silence(0.8)])
+        for start in range(0, len(samples), 1600):
+            await session.push_audio(samples[start : start + 1600])
+            await asyncio.sleep(0.02)
+        await session.drain()
+        return events
+
+    events = asyncio.run(scenario())
+    partials = [e for e in events if isinstance(e, TranscriptPartial)]
+    assert len(partials) >= 3 and len(transcriber.quick) >= len(partials)
+    assert len(transcriber.calls) - len(transcriber.quick) == 1  # one full pass: the final (or its settled pause)
+    assert next(e for e in events if isinstance(e, TranscriptFinal)).text == "one two three four five"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from assistant.config import Task
 from assistant.messages import Audio, Span, Transcript
@@ -29,6 +29,14 @@ class Transcriber(Protocol):
     def transcribe_many(
         self, audios: Sequence[Audio], *, language: str | None, task: Task = "transcribe", timestamps: bool = True
     ) -> list[Transcript]: ...
+
+
+@runtime_checkable
+class PartialTranscriber(Protocol):
+    """A backend that can also give a quick, rough transcript of a short utterance still being spoken (live
+    partials): cheaper than ``transcribe_many``, never used for a final transcript."""
+
+    def transcribe_partial(self, audio: Audio, *, language: str | None) -> Transcript: ...
 
 
 def language_error(language: str, model: str) -> str:
