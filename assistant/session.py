@@ -108,7 +108,9 @@ class Worker(Protocol):
     def stream(self, make: Callable[[], Iterator[str]], cancel: threading.Event) -> Any: ...
 
 
-class Synthesizer(Protocol):
+class SpeechStage(Protocol):
+    """What the session needs of ``assistant.tts.Speech``: a voice chosen per text."""
+
     def synthesize(self, text: str, *, voice: str | None = None, speed: float | None = None) -> Audio: ...
 
 
@@ -175,7 +177,7 @@ class Services:
 
     transcriber: Any  # asr.base.Transcriber
     worker: Worker
-    speech: Synthesizer | None = None  # None: no voice out
+    speech: SpeechStage | None = None  # None: no voice out
     speech_worker: Worker | None = None
     probability: Callable[[], SpeechProbability] | None = None  # a new per-stream VAD; None: no server VAD
     zh_script: ZhScript = "simplified"
@@ -212,7 +214,7 @@ class _Spoken:
 class _Partial:
     utterance: int  # which utterance of the session
     samples: int  # how much of it was recognised
-    task: asyncio.Task[str]
+    task: asyncio.Task[tuple[str, str | None]]  # (text, detected language)
     final: bool = True  # made as the final transcript would be (not with a language borrowed from a partial)
 
 
@@ -494,10 +496,12 @@ class VoiceSession:
         task = asyncio.ensure_future(self._services.worker.run(lambda: self._recognise(audio, chosen, quick=quick)))
         return _Partial(self._utterances, len(samples), task, final=chosen == self.options.language and not quick)
 
-    def _partial_done(self, task: asyncio.Task[str], item_id: str) -> None:
+    def _partial_done(self, task: asyncio.Task[tuple[str, str | None]], item_id: str) -> None:
         if task.cancelled() or task.exception() is not None or item_id != self._speech_item:
-            return  # a failed partial is not worth a word: the final transcript will say it
-        words = task.result().split()
+            return  # a failed or stale partial is not worth a word: the final transcript will say it
+        text, language = task.result()
+        self._partial_language = self._partial_language or language  # later partials of this utterance skip detection
+        words = text.split()
         keys = [_word_key(word) for word in words]
         agreed = 0
         while agreed < min(len(keys), len(self._partial_words)) and keys[agreed] == self._partial_words[agreed]:
@@ -513,14 +517,14 @@ class VoiceSession:
         fixed = self._fixed_segmenter
         return fixed if isinstance(fixed, Endpointer) else self._endpointer
 
-    def _recognise(self, audio: Audio, language: str | None, *, quick: bool = False) -> str:
+    def _recognise(self, audio: Audio, language: str | None, *, quick: bool = False) -> tuple[str, str | None]:
+        """(text, detected language); runs on the worker thread, so it touches no session state."""
         transcriber = self._services.transcriber
         if quick:
             result = transcriber.transcribe_partial(audio, language=language)
         else:
             result = transcriber.transcribe_many([audio], language=language, timestamps=False)[0]
-        self._partial_language = self._partial_language or result.language
-        return apply_zh_script(result, self._services.zh_script).text.strip()
+        return apply_zh_script(result, self._services.zh_script).text.strip(), result.language
 
     # --- the turn loop -----------------------------------------------------------------------------------------------
 
@@ -594,7 +598,7 @@ class VoiceSession:
             covers = job.samples == len(audio.samples) or job.samples >= len(audio.samples) - pad - FRAME_SAMPLES
             if covers and job.final:
                 with contextlib.suppress(Exception):
-                    return await job.task  # no second recognition
+                    return (await job.task)[0]  # no second recognition
         transcriber = self._services.transcriber
         language, script = self.options.language, self._services.zh_script
 
@@ -754,7 +758,7 @@ class _Voice:
     ``SYNTHESIS_AHEAD`` of them ahead of the one being sent, so a long reply never floods the shared worker and the
     next sentence is ready when the current one has been sent."""
 
-    def __init__(self, session: VoiceSession, response_id: str, item_id: str, speech: Synthesizer | None,
+    def __init__(self, session: VoiceSession, response_id: str, item_id: str, speech: SpeechStage | None,
                  voice: str, cancel: threading.Event) -> None:  # fmt: skip
         self._session = session
         self._ids = (response_id, item_id)

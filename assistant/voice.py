@@ -40,7 +40,7 @@ from assistant.messages import (
     TranscriptPartial,
     Utterance,
 )
-from assistant.session import Segmenter, Services, SessionOptions, Synthesizer, VoiceSession
+from assistant.session import Segmenter, Services, SessionOptions, SpeechStage, VoiceSession
 from assistant.worker import ModelWorker
 
 _END = object()  # the ears are done
@@ -101,7 +101,7 @@ class VoiceChat:
         sinks: Sequence[ReplySink],
         *,
         config: Config,
-        speech: Synthesizer | None = None,
+        speech: SpeechStage | None = None,
     ) -> None:
         self.source = source
         self.segmenter = segmenter
