@@ -48,6 +48,7 @@ class AsrConfig:
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
     condition_on_previous_text: bool = True
+    word_timestamps: bool = False  # words with start, end and probability in every segment
 
     def __post_init__(self) -> None:
         if self.backend not in registry.ASR_BACKENDS:
@@ -85,9 +86,18 @@ class TranscribeConfig:
     formats: tuple[OutputFormat, ...] = ("txt", "srt")
     output_dir: str | None = None  # None = next to each input file
     block_s: float = 600.0  # audio decoded and processed at a time; bounds memory for long recordings
+    max_line_chars: int = 42  # SRT/VTT: characters per subtitle line (CJK text: 16, the broadcast rule)
+    max_cue_s: float = 7.0  # SRT/VTT: longest time one cue stays on screen, seconds
+    audio_track: int | None = None  # which audio stream (0 = first); None = the one that holds the speech
 
     def __post_init__(self) -> None:
         _require(self.block_s >= 60, "transcribe.block_s", self.block_s, "at least 60 seconds")
+        _require(self.max_line_chars >= 10, "transcribe.max_line_chars", self.max_line_chars, "an integer >= 10")
+        _require(self.max_cue_s >= 1, "transcribe.max_cue_s", self.max_cue_s, "at least 1 second")
+        _require(
+            self.audio_track is None or self.audio_track >= 0, "transcribe.audio_track", self.audio_track,
+            "an audio stream index >= 0 (0 = the first), or null to pick the one that holds the speech",
+        )
         _require(len(self.formats) > 0, "transcribe.formats", self.formats, "at least one of txt, srt, vtt, json, tsv")
 
 

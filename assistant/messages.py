@@ -47,15 +47,33 @@ class Span:
 
 
 @dataclass(frozen=True)
+class Word:
+    """One recognised word with its times (seconds from the start of the source) and the model's probability for
+    it; ``word`` keeps Whisper's leading space (``" hello"``) so that joining words gives the segment's text. The
+    field names are faster-whisper's and OpenAI's (``word``, ``start``, ``end``, ``probability``)."""
+
+    word: str
+    start_s: float
+    end_s: float
+    probability: float
+
+
+@dataclass(frozen=True)
 class Segment:
-    """A stretch of recognised speech; times in seconds from the start of the source."""
+    """A stretch of recognised speech; times in seconds from the start of the source. ``words`` is empty unless word
+    timestamps were asked for; ``language`` is the language this segment was recognised in (None: not known)."""
 
     start_s: float
     end_s: float
     text: str
+    words: tuple[Word, ...] = ()
+    language: str | None = None
 
     def shifted(self, offset_s: float) -> Segment:
-        return Segment(self.start_s + offset_s, self.end_s + offset_s, self.text)
+        words = tuple(
+            Word(w.word, w.start_s + offset_s, w.end_s + offset_s, w.probability) for w in self.words
+        )
+        return Segment(self.start_s + offset_s, self.end_s + offset_s, self.text, words, self.language)
 
 
 @dataclass(frozen=True)
