@@ -7,19 +7,40 @@ import dataclasses
 import glob
 import json
 import os
+import subprocess
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from assistant.config import Config, load_config, to_dict
 from assistant.errors import AsrError, AssistantError, ConfigError, OutputError
-from assistant.files import atomic_write_text
+from assistant.files import atomic_write_text, name_fields, printable
 from assistant.pipeline import FileResult, TranscriptionPipeline
 
+if TYPE_CHECKING:
+    from assistant.io.progress import Progress
+
+# Picked from folders without a look inside: audio, then camcorder, broadcast, disc and streaming containers. MPEG-TS
+# ".ts" and program stream ".ps" are left out on purpose and probed instead: TypeScript and PostScript share them.
 MEDIA_SUFFIXES = frozenset(
-    ".wav .mp3 .m4a .aac .flac .ogg .oga .opus .wma .webm .mp4 .m4v .mkv .mov .avi .amr .aiff .aif .3gp".split()
+    """.wav .wave .w64 .rf64 .bwf .mp3 .mp2 .mpa .m4a .m4b .aac .adts .flac .ogg .oga .opus .spx .wma .amr .awb
+    .aiff .aif .aifc .caf .au .snd .ac3 .eac3 .ec3 .dts .mlp .thd .mka .wv .ape .tta .tak .ra .ram .gsm .voc
+    .mp4 .m4v .mkv .mk3d .webm .mov .qt .avi .divx .wmv .asf .flv .f4v .f4a .3gp .3g2 .ogv .ogm .mxf .dv .nut
+    .mts .m2ts .m2t .tp .trp .mpg .mpeg .mpe .m2p .vob .evo .mod .tod .rm .rmvb .wtv .dvr-ms""".split()
 )
+# Skipped in folders without probing: transcripts and subtitles (what this command writes next to its inputs), text,
+# documents, images, archives, playlists and sidecar files. Any other extension (or none) is probed with ffprobe.
+NOT_MEDIA_SUFFIXES = frozenset(
+    """.txt .srt .vtt .json .jsonl .tsv .ass .ssa .sub .idx .sbv .lrc .ttml .dfxp .smi .md .rst .csv .xml .html .htm
+    .yaml .yml .toml .ini .cfg .conf .log .nfo .pdf .doc .docx .odt .rtf .xls .xlsx .ods .ppt .pptx .odp .epub
+    .jpg .jpeg .png .gif .bmp .webp .heic .heif .tif .tiff .svg .ico .psd .cr2 .nef .arw .dng .thm .xmp .lrf
+    .zip .tar .gz .tgz .bz2 .xz .zst .7z .rar .iso .exe .dll .so .dylib .py .pyc .js .css .sh .bat .c .h .db
+    .sqlite .lnk .url .torrent .m3u .m3u8 .pls .cue .sfv .md5 .sha1 .sha256 .par2 .partial""".split()
+)
+PROBE_TIMEOUT_S = 20  # ffprobe on one file of unknown kind; a stalled network mount must not hang the batch
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -224,61 +245,153 @@ def _transcribe(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
         return EXIT_OK
-    inputs, missing = expand_inputs(args.paths)
-    for pattern in missing:
-        print(f"audio-decode: cannot read '{pattern}': no such file, directory or matching pattern", file=sys.stderr)
+    inputs, problems = expand_inputs(args.paths)
+    for problem in problems:
+        print(problem, file=sys.stderr)
     if not inputs:
-        return EXIT_SOME_FAILED if missing else EXIT_USAGE
+        return EXIT_SOME_FAILED if problems else EXIT_USAGE
 
     from assistant.io.progress import Progress
 
     pipeline = TranscriptionPipeline.from_config(config)
-    failures = len(missing)
+    failures = len(problems)
     namer = OutputNamer(config)
     with Progress(inputs, enabled=not args.quiet) as progress:
         for path in inputs:
-            try:
-                result = pipeline.transcribe_file(path, on_progress=progress.file_progress(path))
-                written = namer.write(path, result, pipeline.transcriber.description)
-            except AssistantError as exc:
-                failures += 1
-                where = "" if str(path) in exc.message else f"'{path}': "
-                progress.print(f"{exc.code}: {where}{exc.message}")
-                continue
-            except Exception as exc:  # one broken file must not stop the batch
-                failures += 1
-                progress.print(f"{AsrError.code}: '{path}': unexpected {type(exc).__name__}: {exc}")
-                if args.debug:
-                    progress.print(traceback.format_exc())
-                continue
-            finally:
-                progress.file_done(path)
-            audio_s, wall_s = result.transcript.audio_s, result.timings.total_s
-            speed = f"{audio_s / wall_s:.1f}x real time" if wall_s > 0 else ""
-            progress.print(f"{path}: {audio_s:.1f} s in {wall_s:.1f} s ({speed}) -> {', '.join(map(str, written))}")
+            failures += not _transcribe_one(path, pipeline, namer, progress, debug=args.debug)
     if failures:
-        print(f"{failures} of {len(inputs) + len(missing)} inputs failed", file=sys.stderr)
+        print(f"{failures} of {len(inputs) + len(problems)} inputs failed", file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 
+def _transcribe_one(
+    path: Path, pipeline: TranscriptionPipeline, namer: OutputNamer, progress: Progress, *, debug: bool
+) -> bool:
+    """Transcribe one input and write its outputs, printing one line either way; False when it failed.
+
+    A failure while writing is reported as an output error (``output:``), never as a failed transcription.
+    """
+    try:
+        try:
+            result = pipeline.transcribe_file(path, on_progress=progress.file_progress(path))
+        except Exception as exc:  # one broken file must not stop the batch
+            return _report_failure(progress, path, exc, AsrError.code, debug=debug)
+        try:
+            written = namer.write(path, result, pipeline.transcriber.description)
+        except Exception as exc:  # a full disk or a read-only folder is not the recogniser's fault
+            return _report_failure(progress, path, exc, OutputError.code, debug=debug)
+    finally:
+        progress.file_done(path)
+    audio_s, wall_s = result.transcript.audio_s, result.timings.total_s
+    speed = f"{audio_s / wall_s:.1f}x real time" if wall_s > 0 else ""
+    outputs = ", ".join(printable(str(target)) for target in written)
+    progress.print(f"{printable(str(path))}: {audio_s:.1f} s in {wall_s:.1f} s ({speed}) -> {outputs}")
+    return True
+
+
+def _report_failure(progress: Progress, path: Path, exc: Exception, code: str, *, debug: bool) -> bool:
+    """One line for a failed input: an AssistantError's own code and message, else ``code`` and the exception."""
+    shown = printable(str(path))
+    if isinstance(exc, AssistantError):
+        message = printable(exc.message)
+        where = "" if shown in message else f"'{shown}': "
+        progress.print(f"{exc.code}: {where}{message}")
+        return False
+    progress.print(f"{code}: '{shown}': unexpected {type(exc).__name__}: {printable(str(exc))}")
+    if debug:
+        progress.print("".join(traceback.format_exception(exc)))
+    return False
+
+
 def expand_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[str]]:
-    """Files as given, media files under directories (recursively), and glob matches; plus what matched nothing."""
+    """Files as given, media files under directories (recursively), and glob matches.
+
+    Also returns one error line per problem: a pattern that matched nothing, a directory that holds no media (with
+    what was skipped there and why).
+    """
     found: list[Path] = []
-    missing: list[str] = []
+    problems: list[str] = []
     for pattern in patterns:
         matches = [Path(pattern)] if os.path.lexists(pattern) else [Path(p) for p in sorted(glob.glob(pattern))]
         if not matches:
-            missing.append(pattern)
+            problems.append(
+                f"audio-decode: cannot read '{printable(pattern)}': no such file, directory or matching pattern"
+            )
         for match in matches:
-            found.extend(_media_files(match) if match.is_dir() else [match])
+            if not match.is_dir():
+                found.append(match)
+                continue
+            media, skipped = _media_files(match)
+            found.extend(media)
+            if not media:
+                problems.append(_no_media_message(match, skipped))
     unique = {path.resolve(): path for path in reversed(found)}  # first spelling of each file wins
-    return list(reversed(unique.values())), missing
+    return list(reversed(unique.values())), problems
 
 
-def _media_files(directory: Path) -> Iterator[Path]:
+def _media_files(directory: Path) -> tuple[list[Path], Counter[str]]:
+    """The media files under ``directory`` (sorted), and how many others were skipped for each reason."""
+    media: list[Path] = []
+    skipped: Counter[str] = Counter()
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.suffix.lower() in MEDIA_SUFFIXES:
-            yield path
+        if not path.is_file():
+            continue
+        reason = _skip_reason(path, directory)
+        if reason is None:
+            media.append(path)
+        else:
+            skipped[reason] += 1
+    return media, skipped
+
+
+def _skip_reason(path: Path, directory: Path) -> str | None:
+    """Why a file found in a folder is not transcribed, or None to transcribe it.
+
+    Hidden files (and anything in hidden folders: ``.git``, macOS ``._clip.MTS`` resource forks, our own ``.partial``
+    temporaries) are skipped; known media extensions are taken; known non-media ones skipped; anything else is probed.
+    """
+    if any(part.startswith(".") for part in path.relative_to(directory).parts):
+        return "hidden"
+    suffix = path.suffix.lower()
+    if suffix in MEDIA_SUFFIXES:
+        return None
+    if suffix in NOT_MEDIA_SUFFIXES:
+        return f"{suffix} (not media)"
+    return _probe_reason(path)
+
+
+def _probe_reason(path: Path) -> str | None:
+    """None when ffprobe finds an audio stream in ``path`` (a file whose extension tells nothing), else why not."""
+    from assistant.audio import tool_path  # decoding lives in assistant.audio; if it moves, change this line
+
+    try:
+        if path.stat().st_size == 0:
+            return "empty"
+        ffprobe = tool_path("ffprobe")
+    except OSError:
+        return "unreadable"
+    except AssistantError:
+        return "unknown extension, not probed (ffprobe is not installed)"
+    command = [ffprobe, "-v", "error", "-show_entries", "stream=codec_type", "-of", "csv=p=0", os.fspath(path)]
+    try:
+        result = subprocess.run(command, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        return f"ffprobe took over {PROBE_TIMEOUT_S} s"
+    if result.returncode != 0:
+        return "not audio or video (ffprobe)"
+    return None if b"audio" in result.stdout.split() else "no audio stream (ffprobe)"
+
+
+def _no_media_message(directory: Path, skipped: Counter[str]) -> str:
+    shown = printable(str(directory))
+    if not skipped:
+        return f"audio-decode: no files in folder '{shown}'; give a folder holding audio or video files"
+    reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.most_common())
+    total = sum(skipped.values())
+    return (
+        f"audio-decode: no audio or video files in folder '{shown}': skipped {total} "
+        f"file{'s' if total != 1 else ''}: {reasons}; name a file to try it anyway"
+    )
 
 
 class OutputNamer:
@@ -289,16 +402,20 @@ class OutputNamer:
         self._taken: set[Path] = set()
 
     def write(self, source: Path, result: FileResult, model: str) -> list[Path]:
+        from assistant.asr.cues import CueOptions
         from assistant.asr.writers import WRITERS
 
         directory = Path(self._config.transcribe.output_dir) if self._config.transcribe.output_dir else source.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create output directory '{directory}': {exc.strerror}") from None
+            raise OutputError(
+                f"cannot create output directory '{printable(str(directory))}': {exc.strerror}; choose a writable "
+                "--output-dir"
+            ) from None
         stem = self._free_stem(directory, source.stem)
         meta = {
-            "source": str(source),
+            **name_fields(source, "source"),  # "source" as text; "source_bytes" too when the name is not UTF-8
             "model": model,
             "task": self._config.asr.task,
             "timings": {
@@ -311,7 +428,8 @@ class OutputNamer:
         written = []
         for fmt in self._config.transcribe.formats:
             target = directory / f"{stem}.{fmt}"
-            atomic_write_text(target, WRITERS[fmt](result.transcript, meta), what="output", error=OutputError)
+            text = WRITERS[fmt](result.transcript, meta, CueOptions.from_config(self._config.transcribe))
+            atomic_write_text(target, text, what="output", error=OutputError, private=False)  # readable as umask says
             written.append(target)
         return written
 

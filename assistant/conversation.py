@@ -191,7 +191,7 @@ class Conversation:
         """Write the conversation atomically: a crash mid-save leaves the previous file whole."""
         target = Path(path).expanduser()
         text = json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n"
-        atomic_write_text(target, text, what="conversation", error=ConversationError)
+        atomic_write_text(target, text, what="conversation", error=ConversationError, private=True)  # people's words
         return target
 
     @classmethod

@@ -24,9 +24,10 @@ def test_expand_inputs_directories_globs_and_missing(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("a.wav", "b.MP3", "sub/c.m4a", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
-    found, missing = expand_inputs([str(tmp_path), str(tmp_path / "*.wav"), str(tmp_path / "nothing*.flac")])
+    found, problems = expand_inputs([str(tmp_path), str(tmp_path / "*.wav"), str(tmp_path / "nothing*.flac")])
     assert sorted(p.name for p in found) == ["a.wav", "b.MP3", "c.m4a"]
-    assert missing == [str(tmp_path / "nothing*.flac")]
+    assert problems == [f"audio-decode: cannot read '{tmp_path / 'nothing*.flac'}': no such file, directory or "
+                        "matching pattern"]  # fmt: skip
 
 
 def test_unknown_config_key_is_one_line_and_exit_2(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import TracebackType
 
 from assistant.errors import AssistantError
+from assistant.files import printable
 
 
 class Progress:
@@ -47,9 +48,8 @@ class Progress:
         if self._file is not None:
             self._file.close()
         total = round(self._durations.get(path, 0.0), 1)
-        self._file = tqdm(
-            total=total, unit="s", desc=path.name[:30], position=1, leave=False, file=sys.stderr, disable=False
-        )
+        name = printable(path.name)[:30]
+        self._file = tqdm(total=total, unit="s", desc=name, position=1, leave=False, file=sys.stderr, disable=False)
         start = self._done_before
 
         def update(seconds: float) -> None:
@@ -68,6 +68,8 @@ class Progress:
             self._overall.refresh()
 
     def print(self, line: str) -> None:
+        """One line on stderr above the bars; a file name's bytes that are not UTF-8 are shown as ``\\xNN``."""
+        line = printable(line)
         if self._enabled:
             from tqdm import tqdm
 
