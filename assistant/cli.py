@@ -402,7 +402,6 @@ class OutputNamer:
         self._taken: set[Path] = set()
 
     def write(self, source: Path, result: FileResult, model: str) -> list[Path]:
-        from assistant.asr.cues import CueOptions
         from assistant.asr.writers import WRITERS
 
         directory = Path(self._config.transcribe.output_dir) if self._config.transcribe.output_dir else source.parent
@@ -428,7 +427,7 @@ class OutputNamer:
         written = []
         for fmt in self._config.transcribe.formats:
             target = directory / f"{stem}.{fmt}"
-            text = WRITERS[fmt](result.transcript, meta, CueOptions.from_config(self._config.transcribe))
+            text = WRITERS[fmt](result.transcript, meta)
             atomic_write_text(target, text, what="output", error=OutputError, private=False)  # readable as umask says
             written.append(target)
         return written
