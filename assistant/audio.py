@@ -57,11 +57,12 @@ def quietest_point(samples: np.ndarray, sample_rate: int, *, search_from: int) -
     return search_from + int(np.argmin(energy)) * frame + frame // 2
 
 
-def group_spans(spans: Sequence[Span], max_s: float) -> list[Span]:
-    """Merge neighbouring speech spans into windows of at most ``max_s`` seconds (a longer span stays whole)."""
+def group_spans(spans: Sequence[Span], max_s: float, *, max_gap_s: float = float("inf")) -> list[Span]:
+    """Merge neighbouring speech spans into windows of at most ``max_s`` seconds (a longer span stays whole), never
+    across a pause longer than ``max_gap_s``: a window that spans a long silence gives a segment shown over it."""
     groups: list[Span] = []
     for span in spans:
-        if groups and span.end_s - groups[-1].start_s <= max_s:
+        if groups and span.end_s - groups[-1].start_s <= max_s and span.start_s - groups[-1].end_s <= max_gap_s:
             groups[-1] = Span(groups[-1].start_s, span.end_s)
         else:
             groups.append(span)

@@ -78,10 +78,14 @@ class Segment:
 
 @dataclass(frozen=True)
 class Transcript:
+    """Recognised text. ``language_probability`` is the recogniser's confidence in ``language`` when it detected the
+    language itself (None when the language was given)."""
+
     text: str
     language: str | None
     segments: tuple[Segment, ...] = ()
     audio_s: float = 0.0
+    language_probability: float | None = None
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,16 @@ from typing import TypeVar
 
 from assistant import registry
 from assistant.asr.base import Transcriber, VoiceActivityDetector, language_error
+from assistant.asr.language import LanguageGuess, settle_languages
 from assistant.asr.text import apply_zh_script
 from assistant.audio import blocks_at_quiet_points, group_spans
 from assistant.config import AsrConfig, Config, TranscribeConfig, VadConfig
 from assistant.errors import ConfigError
 from assistant.io.audio_file import AudioInfo, probe, stream_audio
-from assistant.messages import Audio, Segment, Timings, Transcript
+from assistant.messages import Audio, Segment, Timings, Transcript, Word
 
 DECODE_PIECE_S = 30.0  # seconds read from ffmpeg at a time
+MAX_GAP_IN_WINDOW_S = 2.0  # speech spans further apart go to separate windows: no window (or cue) spans a long pause
 T = TypeVar("T")
 
 
@@ -64,33 +66,41 @@ class TranscriptionPipeline:
         *,
         on_progress: Callable[[float], None] | None = None,
         language: str | None = None,
+        word_timestamps: bool = False,
     ) -> FileResult:
         """Transcribe one file; ``on_progress`` gets the seconds of audio done so far; ``language`` overrides the
-        configured one for this file."""
+        configured one for this file; ``word_timestamps`` asks for words even when ``asr.word_timestamps`` is off."""
         started = time.perf_counter()
         info = probe(path)
         clock = _StageClock()
         language = normalize_language(language) or self._language
         if language and not self.transcriber.supports_language(language):
             raise ConfigError(f"language: {language_error(language, self._asr.model)}")
+        words = word_timestamps or self._asr.word_timestamps
         segments: list[Segment] = []
+        spoken = SpokenLanguages()
         pieces = clock.timed_iter("decode", stream_audio(path, piece_s=DECODE_PIECE_S))
         for block in blocks_at_quiet_points(pieces, self._transcribe.block_s):
             windows = self._windows(block, clock)
-            if language is None and windows:
-                with clock.stage("asr"):
-                    language = self.transcriber.detect_language(max(windows, key=lambda w: w.duration_s))
+            results: list[Transcript] = []
             for batch in _batched(windows, self.transcriber.batch_size):
                 with clock.stage("asr"):
-                    results = self.transcriber.transcribe_many(batch, language=language, task=self._asr.task)
-                for window, result in zip(batch, results, strict=True):
-                    segments.extend(_place(result.segments, window))
+                    results += self.transcriber.transcribe_many(
+                        batch, language=language, task=self._asr.task, word_timestamps=words
+                    )
                 if on_progress:
                     on_progress(batch[-1].end_s)
+            if language is None:
+                with clock.stage("asr"):
+                    results = self._settle_languages(windows, results, spoken.last, words)
+            for window, result in zip(windows, results, strict=True):
+                spoken.add(result, window.duration_s)
+                segments.extend(_place(result.segments, window))
             if on_progress:
                 on_progress(block.end_s)
         audio_s = clock.decoded_s
-        transcript = Transcript(" ".join(s.text for s in segments).strip(), language, tuple(segments), audio_s)
+        main_language = language or spoken.main
+        transcript = Transcript(" ".join(s.text for s in segments).strip(), main_language, tuple(segments), audio_s)
         if self._asr.task == "transcribe":
             transcript = apply_zh_script(transcript, self._asr.zh_script)
         timings = Timings(
@@ -101,14 +111,56 @@ class TranscriptionPipeline:
         )
         return FileResult(info, transcript, timings)
 
+    def _settle_languages(
+        self, windows: Sequence[Audio], results: list[Transcript], before: str | None, words: bool
+    ) -> list[Transcript]:
+        """Windows whose own detection was unsure are redone in the language their neighbours settle on."""
+        settled = settle_languages([_guess(w, r) for w, r in zip(windows, results, strict=True)], before=before)
+        redo: dict[str, list[int]] = {}
+        for index, (result, code) in enumerate(zip(results, settled, strict=True)):
+            if code is not None and result.text and code != result.language:
+                redo.setdefault(code, []).append(index)
+        for code, indexes in redo.items():
+            again = self.transcriber.transcribe_many(
+                [windows[i] for i in indexes], language=code, task=self._asr.task, word_timestamps=words
+            )
+            for index, result in zip(indexes, again, strict=True):
+                results[index] = result
+        return results
+
     def _windows(self, block: Audio, clock: _StageClock) -> list[Audio]:
         """The pieces of a block worth recognising: VAD speech grouped into windows, or the whole block."""
         if self._vad is None:
             return [block]
         with clock.stage("vad"):
             spans = self._vad.speech_spans(block)
-        grouped = group_spans(spans, self._asr.chunk_s)
+        grouped = group_spans(spans, self._asr.chunk_s, max_gap_s=MAX_GAP_IN_WINDOW_S)
         return [block.slice(span.start_s - block.start_s, span.end_s - block.start_s) for span in grouped]
+
+
+def _guess(window: Audio, result: Transcript) -> LanguageGuess:
+    """What a window's own detection says; a window with no words says nothing."""
+    if not result.text or result.language is None:
+        return LanguageGuess(None, 0.0, window.duration_s)
+    probability = 1.0 if result.language_probability is None else result.language_probability
+    return LanguageGuess(result.language, probability, window.duration_s)
+
+
+class SpokenLanguages:
+    """Seconds of recognised speech per language over a file: its main language, and the last one heard."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last: str | None = None
+
+    def add(self, result: Transcript, seconds: float) -> None:
+        if result.text and result.language:
+            self.seconds[result.language] = self.seconds.get(result.language, 0.0) + seconds
+            self.last = result.language
+
+    @property
+    def main(self) -> str | None:
+        return max(self.seconds, key=lambda code: self.seconds[code]) if self.seconds else None
 
 
 def normalize_language(language: str | None) -> str | None:
@@ -118,11 +170,18 @@ def normalize_language(language: str | None) -> str | None:
 
 
 def _place(segments: Sequence[Segment], window: Audio) -> Iterator[Segment]:
-    """Segments relative to ``window`` moved onto the source's time line, clipped to the window."""
+    """Segments (and their words) relative to ``window`` moved onto the source's time line, clipped to the window."""
+
+    def clip(seconds: float, low: float) -> float:
+        return round(min(max(seconds + window.start_s, low), window.end_s), 3)
+
     for segment in segments:
-        start = min(max(segment.start_s + window.start_s, window.start_s), window.end_s)
-        end = min(max(segment.end_s + window.start_s, start), window.end_s)
-        yield Segment(round(start, 3), round(end, 3), segment.text)
+        start = clip(segment.start_s, window.start_s)
+        words = []
+        for word in segment.words:
+            word_start = clip(word.start_s, start)
+            words.append(Word(word.word, word_start, clip(word.end_s, word_start), round(float(word.probability), 3)))
+        yield Segment(start, clip(segment.end_s, start), segment.text, tuple(words), segment.language)
 
 
 def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

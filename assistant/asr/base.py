@@ -27,8 +27,18 @@ class Transcriber(Protocol):
     def detect_language(self, audio: Audio) -> str: ...
 
     def transcribe_many(
-        self, audios: Sequence[Audio], *, language: str | None, task: Task = "transcribe", timestamps: bool = True
-    ) -> list[Transcript]: ...
+        self,
+        audios: Sequence[Audio],
+        *,
+        language: str | None,
+        task: Task = "transcribe",
+        timestamps: bool = True,
+        word_timestamps: bool = False,
+    ) -> list[Transcript]:
+        """One transcript per window, in order. ``language=None``: each window detects its own language (the
+        transcript's ``language`` and ``language_probability`` say what was found). ``word_timestamps``: segments
+        carry ``words``."""
+        ...
 
 
 @runtime_checkable

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
 from assistant.asr.base import language_error
 from assistant.config import AsrConfig, Task
 from assistant.errors import AsrError, ConfigError, ModelLoadError
-from assistant.messages import Audio, Segment, Transcript
+from assistant.messages import Audio, Segment, Transcript, Word
 from assistant.models import hub_unreachable, resolve_model
 
 # live partials (transcribe_partial): the encoder sees the audio's own length, not Whisper's 30 s window
 FULL_WINDOW_FRAMES = 3000  # 30 s of 10 ms mel frames: Whisper's window
 PARTIAL_STEP_FRAMES = 200  # the window grows in 2 s steps
 PARTIAL_MARGIN_FRAMES = 200  # and keeps 2 s of silence after the speech
+AUTO_BATCH = 8  # asr.batch_size 0: windows per batch (see benchmarks/asr.py)
+WINDOW_S = 30.0  # windows up to this long are decoded in batches
+# faster-whisper's defaults for attaching punctuation to the neighbouring word
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 PARTIAL_MIN_TOKENS, PARTIAL_TOKENS_PER_S, PARTIAL_MAX_TOKENS = 16, 8, 448  # decode length: speech is ~3 tokens/s
 
 
@@ -59,7 +66,7 @@ class FasterWhisperTranscriber:
 
     @property
     def batch_size(self) -> int:
-        return 1  # windows are decoded one after another; CTranslate2 uses every core on each
+        return self._config.batch_size or AUTO_BATCH
 
     def supports_language(self, language: str) -> bool:
         return language in self._model.supported_languages
@@ -69,9 +76,107 @@ class FasterWhisperTranscriber:
         return language
 
     def transcribe_many(
-        self, audios: Sequence[Audio], *, language: str | None, task: Task = "transcribe", timestamps: bool = True
+        self,
+        audios: Sequence[Audio],
+        *,
+        language: str | None,
+        task: Task = "transcribe",
+        timestamps: bool = True,
+        word_timestamps: bool = False,
     ) -> list[Transcript]:
-        return [self._transcribe(audio, language, task, timestamps) for audio in audios]
+        """Windows of at most 30 s are decoded together in one batch (see ``_batched``); longer ones, and windows whose
+        batched result fails Whisper's quality checks, go through faster-whisper's sequential decoding with its
+        temperature fallback. With ``language=None`` each window detects its own language."""
+        results: list[Transcript | None] = [None] * len(audios)
+        short = [i for i, audio in enumerate(audios) if audio.duration_s <= WINDOW_S]
+        for first in range(0, len(short), self.batch_size):
+            indexes = short[first : first + self.batch_size]
+            batch = [audios[i] for i in indexes]
+            for index, transcript in zip(indexes, self._batched(batch, language, task, timestamps, word_timestamps),
+                                         strict=True):  # fmt: skip
+                results[index] = transcript
+        for index, result in enumerate(results):
+            if result is None:
+                results[index] = self._transcribe(audios[index], language, task, timestamps, word_timestamps)
+        return [result for result in results if result is not None]
+
+    def _batched(
+        self, audios: Sequence[Audio], language: str | None, task: Task, timestamps: bool, words: bool
+    ) -> list[Transcript]:
+        """One encoder pass for the whole batch, the language of each window read from that same pass (no second
+        encode, unlike ``WhisperModel.transcribe``), one batched greedy/beam decode per language. This is
+        faster-whisper's ``BatchedInferencePipeline`` idea; unlike it, a window that fails the compression-ratio or
+        log-probability check is redone sequentially with the temperature fallback (openai/whisper's rule)."""
+        from faster_whisper.audio import pad_or_trim
+
+        model = self._model
+        features = np.stack([pad_or_trim(model.feature_extractor(a.samples)[..., :-1]) for a in audios])
+        encoded = model.encode(features)
+        guesses = self._languages(encoded, len(audios), language)
+        groups: dict[str, list[int]] = {}
+        for index, (code, _probability) in enumerate(guesses):
+            groups.setdefault(code, []).append(index)
+        results: list[Transcript] = [Transcript("", None)] * len(audios)
+        for code, indexes in groups.items():
+            group_encoded = encoded if len(groups) == 1 else model.encode(features[indexes])
+            decoded = self._decode(group_encoded, [audios[i] for i in indexes], code, task, timestamps, words)
+            for index, transcript in zip(indexes, decoded, strict=True):
+                probability = guesses[index][1] if language is None else None
+                if transcript is None:  # failed the quality checks: sequential decoding with fallback
+                    transcript = self._transcribe(audios[index], code, task, timestamps, words)
+                results[index] = replace(transcript, language=code, language_probability=probability)
+        return results
+
+    def _languages(self, encoded: object, count: int, language: str | None) -> list[tuple[str, float]]:
+        if language is not None:
+            return [(language, 1.0)] * count
+        if not self._model.model.is_multilingual:
+            return [("en", 1.0)] * count
+        return [(ranked[0][0][2:-2], float(ranked[0][1])) for ranked in self._model.model.detect_language(encoded)]
+
+    def _decode(
+        self, encoded: object, audios: Sequence[Audio], language: str, task: Task, timestamps: bool, words: bool
+    ) -> list[Transcript | None]:
+        """Decode a batch in one language; None for a window whose result needs the temperature fallback."""
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
+
+        model, config = self._model, self._config
+        tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task=task, language=language)
+        previous = tokenizer.encode(" " + config.initial_prompt.strip()) if config.initial_prompt else []
+        prompt = model.get_prompt(tokenizer, previous, without_timestamps=not timestamps)
+        results = model.model.generate(
+            encoded, [list(prompt) for _ in audios], beam_size=config.beam_size, max_length=model.max_length,
+            suppress_blank=True, suppress_tokens=get_suppressed_tokens(tokenizer, [-1]), return_scores=True,
+            return_no_speech_prob=True, sampling_temperature=config.temperatures[0] or 1.0,
+        )  # fmt: skip
+        pieces: list[list[dict[str, Any]]] = []
+        verdicts: list[str] = []
+        for audio, result in zip(audios, results, strict=True):
+            tokens = result.sequences_ids[0]
+            text = tokenizer.decode([t for t in tokens if t < tokenizer.eot])
+            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            verdicts.append(_verdict(config, get_compression_ratio(text), avg_logprob, result.no_speech_prob))
+            frames = min(FULL_WINDOW_FRAMES, int(np.ceil(audio.duration_s)) * model.frames_per_second)
+            split, _seek, _single = model._split_segments_by_timestamps(
+                tokenizer=tokenizer, tokens=tokens, time_offset=0.0, segment_size=frames,
+                segment_duration=audio.duration_s, seek=0,
+            )  # fmt: skip
+            pieces.append(split if verdicts[-1] == "ok" else [])
+        if words:
+            self._align(pieces, tokenizer, encoded, audios)
+        return [
+            None if verdict == "fallback" else _transcript(tokenizer, split, audio, language)
+            for audio, split, verdict in zip(audios, pieces, verdicts, strict=True)
+        ]
+
+    def _align(self, pieces: list[list[dict[str, Any]]], tokenizer: Any, encoded: object,
+               audios: Sequence[Audio]) -> None:  # fmt: skip
+        """Word times from the cross-attention alignment heads (faster-whisper's ``add_word_timestamps``)."""
+        frames = [min(FULL_WINDOW_FRAMES, round(a.duration_s * self._model.frames_per_second)) for a in audios]
+        padded = [split or [{"seek": 0, "start": 0.0, "end": 0.0, "tokens": []}] for split in pieces]
+        self._model.add_word_timestamps(padded, tokenizer, encoded, frames, PREPEND_PUNCTUATIONS,
+                                        APPEND_PUNCTUATIONS, 0.0)  # fmt: skip
 
     def transcribe_partial(self, audio: Audio, *, language: str | None) -> Transcript:
         """A quick transcript of a short utterance in progress, for live partials: the encoder runs on the audio's
@@ -98,7 +203,9 @@ class FasterWhisperTranscriber:
         text = tokenizer.decode(result[0].sequences_ids[0]).strip()
         return Transcript(text, language, (), audio.duration_s)
 
-    def _transcribe(self, audio: Audio, language: str | None, task: Task, timestamps: bool) -> Transcript:
+    def _transcribe(
+        self, audio: Audio, language: str | None, task: Task, timestamps: bool, words: bool = False
+    ) -> Transcript:
         config = self._config
         if language and not self.supports_language(language):
             raise AsrError(language_error(language, config.model))
@@ -114,12 +221,45 @@ class FasterWhisperTranscriber:
             condition_on_previous_text=config.condition_on_previous_text,
             initial_prompt=config.initial_prompt,
             without_timestamps=not timestamps,
+            word_timestamps=words,
             vad_filter=False,  # the pipeline's own VAD stage has already cut the audio
         )
-        found = tuple(Segment(s.start, s.end, s.text.strip()) for s in segments if s.text.strip())
-        return Transcript(
-            text=" ".join(s.text for s in found), language=info.language, segments=found, audio_s=audio.duration_s
+        found = tuple(
+            Segment(s.start, s.end, s.text.strip(), _words(s.words or ()), info.language)
+            for s in segments
+            if s.text.strip()
         )
+        probability = info.language_probability if language is None else None
+        return Transcript(" ".join(s.text for s in found), info.language, found, audio.duration_s, probability)
+
+
+def _verdict(config: AsrConfig, compression_ratio: float, avg_logprob: float, no_speech_prob: float) -> str:
+    """openai/whisper's checks on one decode: "silence" (no speech: the text is dropped), "fallback" (too repetitive
+    or too unlikely: decode again at higher temperatures) or "ok"."""
+    unlikely = config.logprob_threshold is not None and avg_logprob < config.logprob_threshold
+    if config.no_speech_threshold is not None and no_speech_prob > config.no_speech_threshold and unlikely:
+        return "silence"
+    repetitive = (
+        config.compression_ratio_threshold is not None and compression_ratio > config.compression_ratio_threshold
+    )
+    return "fallback" if (repetitive or unlikely) and len(config.temperatures) > 1 else "ok"
+
+
+def _transcript(tokenizer: Any, pieces: Sequence[dict[str, Any]], audio: Audio, language: str) -> Transcript:
+    found = []
+    for piece in pieces:
+        text = tokenizer.decode([t for t in piece["tokens"] if t < tokenizer.eot]).strip()
+        if text:
+            words = tuple(
+                Word(w["word"], float(w["start"]), float(w["end"]), float(w["probability"]))
+                for w in piece.get("words", ())
+            )
+            found.append(Segment(float(piece["start"]), float(piece["end"]), text, words, language))
+    return Transcript(" ".join(s.text for s in found), language, tuple(found), audio.duration_s)
+
+
+def _words(words: Sequence[Any]) -> tuple[Word, ...]:
+    return tuple(Word(w.word, w.start, w.end, w.probability) for w in words)
 
 
 def _device(device: str, cuda_count: int) -> tuple[str, int]:

@@ -12,11 +12,21 @@ _CHINESE = ("zh",)  # Whisper's Mandarin code; yue keeps what the model writes
 
 
 def apply_zh_script(transcript: Transcript, script: ZhScript) -> Transcript:
-    """Whisper mixes simplified and traditional characters; convert all of a Chinese transcript to one script."""
-    if script == "as-is" or transcript.language not in _CHINESE:
+    """Whisper mixes simplified and traditional characters; convert the Chinese of a transcript to one script.
+    Segments carry their own language in files that switch language: only the Chinese ones are converted."""
+    chinese = [(s.language or transcript.language) in _CHINESE for s in transcript.segments]
+    if script == "as-is" or not (any(chinese) or (not transcript.segments and transcript.language in _CHINESE)):
         return transcript
     from opencc import OpenCC
 
     converter = OpenCC(_OPENCC_CONVERSION[script])
-    segments = tuple(replace(s, text=converter.convert(s.text)) for s in transcript.segments)
-    return replace(transcript, text=converter.convert(transcript.text), segments=segments)
+    segments = tuple(
+        replace(
+            s, text=converter.convert(s.text), words=tuple(replace(w, word=converter.convert(w.word)) for w in s.words)
+        )
+        if is_chinese
+        else s
+        for s, is_chinese in zip(transcript.segments, chinese, strict=True)
+    )
+    text = " ".join(s.text for s in segments) if segments else converter.convert(transcript.text)
+    return replace(transcript, text=text, segments=segments)
