@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
 
 from assistant import registry
 from assistant.asr.base import Transcriber, VoiceActivityDetector, language_error
 from assistant.asr.language import LanguageGuess, settle_languages
 from assistant.asr.text import apply_zh_script
 from assistant.audio import blocks_at_quiet_points, group_spans
+from assistant.audio.decode import AudioInfo, AudioSource, choose_source, probe, stream_audio
+from assistant.audio.level import frame_levels, normalize
 from assistant.config import AsrConfig, Config, TranscribeConfig, VadConfig
 from assistant.errors import ConfigError
-from assistant.io.audio_file import AudioInfo, probe, stream_audio
 from assistant.messages import Audio, Segment, Timings, Transcript, Word
 
 DECODE_PIECE_S = 30.0  # seconds read from ffmpeg at a time
+SPEECH_LEVEL_DBFS = -45.0  # without a VAD, frames above this level count as speech when choosing a track
 MAX_GAP_IN_WINDOW_S = 2.0  # speech spans further apart go to separate windows: no window (or cue) spans a long pause
 T = TypeVar("T")
 
@@ -28,6 +32,8 @@ class FileResult:
     info: AudioInfo
     transcript: Transcript
     timings: Timings
+    source: AudioSource = field(default_factory=AudioSource)  # the track (and channel) that was transcribed
+    warnings: tuple[str, ...] = ()  # for the user: why a transcript may be empty
 
 
 class TranscriptionPipeline:
@@ -72,6 +78,7 @@ class TranscriptionPipeline:
         configured one for this file; ``word_timestamps`` asks for words even when ``asr.word_timestamps`` is off."""
         started = time.perf_counter()
         info = probe(path)
+        source = choose_source(info, self._speech_seconds, track=self._transcribe.audio_track)
         clock = _StageClock()
         language = normalize_language(language) or self._language
         if language and not self.transcriber.supports_language(language):
@@ -79,8 +86,9 @@ class TranscriptionPipeline:
         words = word_timestamps or self._asr.word_timestamps
         segments: list[Segment] = []
         spoken = SpokenLanguages()
-        pieces = clock.timed_iter("decode", stream_audio(path, piece_s=DECODE_PIECE_S))
+        pieces = clock.timed_iter("decode", stream_audio(path, source=source, piece_s=DECODE_PIECE_S))
         for block in blocks_at_quiet_points(pieces, self._transcribe.block_s):
+            block, _gain_db = normalize(block)
             windows = self._windows(block, clock)
             results: list[Transcript] = []
             for batch in _batched(windows, self.transcriber.batch_size):
@@ -109,7 +117,18 @@ class TranscriptionPipeline:
             asr_s=clock.seconds["asr"],
             total_s=time.perf_counter() - started,
         )
-        return FileResult(info, transcript, timings)
+        warnings = ()
+        if not transcript.text and source.others:
+            warnings = (f"no speech was recognised in {source.label}, but {source.others}; choose another with "
+                        "--audio-track N (transcribe.audio_track)",)  # fmt: skip
+        return FileResult(info, transcript, timings, source, warnings)
+
+    def _speech_seconds(self, audio: Audio) -> float:
+        """Seconds of speech in a short excerpt (choosing a track): the VAD's, or loud frames' without a VAD."""
+        audio, _gain = normalize(audio)
+        if self._vad is not None:
+            return sum(span.duration_s for span in self._vad.speech_spans(audio))
+        return float(np.count_nonzero(frame_levels(audio.samples) > SPEECH_LEVEL_DBFS)) * 0.03
 
     def _settle_languages(
         self, windows: Sequence[Audio], results: list[Transcript], before: str | None, words: bool

@@ -44,7 +44,7 @@ def make_speech(minutes: float, folder: Path) -> tuple[Path, str]:
     import numpy as np
     import soundfile
 
-    from assistant.io.audio_file import load_audio
+    from assistant.audio.decode import load_audio
 
     clips = []
     for index, sentence in enumerate(SENTENCES):
@@ -95,7 +95,7 @@ def _baseline(audio: Path, started: float) -> tuple[str, float, tuple[float, flo
     from transformers.utils import logging
 
     from assistant.asr.whisper_hf import _model_source
-    from assistant.io.audio_file import probe
+    from assistant.audio.decode import probe
     from assistant.models import resolve_model
 
     logging.set_verbosity_error()

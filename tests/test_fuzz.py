@@ -125,7 +125,7 @@ def test_websocket_event_parser(text: str) -> None:
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(st.binary(min_size=0, max_size=2048), st.sampled_from([".wav", ".mp3", ".m4a", ".ogg", ".bin"]))
 def test_audio_decoder_entry_point(tmp_path_factory: pytest.TempPathFactory, raw: bytes, suffix: str) -> None:
-    from assistant.io.audio_file import load_audio
+    from assistant.audio.decode import load_audio
 
     path: Path = tmp_path_factory.mktemp("audio") / f"input{suffix}"
     path.write_bytes(raw)

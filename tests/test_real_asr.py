@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from assistant.config import AsrConfig, TranscribeConfig, VadConfig
-from assistant.io.audio_file import load_audio
+from assistant.audio.decode import load_audio
 from assistant.models import OFFLINE_BUNDLES, bundle_status
 from assistant.pipeline import TranscriptionPipeline
 from tests.conftest import require, speak, write_wav

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from assistant.audio import tool_path
 from assistant.errors import AudioDecodeError, AudioSourceError
-from assistant.io.audio_file import tool_path
 
 CHUNK_BYTES = 3200  # 100 ms of PCM16 at 16 kHz
 IDLE_S = 3.0  # after the input ends: leave once every turn is answered and the server has been quiet this long

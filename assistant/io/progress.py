@@ -13,7 +13,7 @@ from assistant.files import printable
 
 class Progress:
     def __init__(self, paths: Sequence[Path], *, enabled: bool = True) -> None:
-        from assistant.io.audio_file import probe
+        from assistant.audio.decode import probe
 
         self._enabled = enabled and sys.stderr.isatty()
         self._durations: dict[Path, float] = {}

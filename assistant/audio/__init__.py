@@ -1,5 +1,5 @@
-"""Pure-numpy audio helpers shared by the pipeline: cutting a stream into blocks at quiet points, grouping speech;
-and where the ffmpeg programs are (decoding in io/audio_file.py, encoding in tts/encode.py)."""
+"""The audio stage below every front end: decoding files (``decode``), levels (``level``), and the pure-numpy
+helpers here: cutting a stream into blocks at quiet points, grouping speech; and where the ffmpeg programs are."""
 
 from __future__ import annotations
 
