@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--format", help="comma-separated: txt,srt,vtt,json,tsv (transcribe.formats)")
     transcribe.add_argument("--output-dir", help="where outputs go; default: next to each input")
     transcribe.add_argument("--no-vad", action="store_true", help="transcribe silences too (vad.enabled=false)")
+    transcribe.add_argument(
+        "--word-timestamps", action="store_true", help="words with times and probability in JSON (asr.word_timestamps)"
+    )
+    transcribe.add_argument(
+        "--audio-track", type=int, metavar="N", help="audio stream to transcribe, 0 = first (transcribe.audio_track); "
+        "default: the one that holds the speech",
+    )  # fmt: skip
     transcribe.add_argument("--quiet", action="store_true", help="no progress bars")
     transcribe.set_defaults(handler=_transcribe)
 
@@ -141,6 +148,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "transcribe.formats": args.format,
         "transcribe.output_dir": args.output_dir,
         "vad.enabled": "false" if args.no_vad else None,
+        "asr.word_timestamps": "true" if args.word_timestamps else None,
+        "transcribe.audio_track": args.audio_track,
     }
     return _flag_overrides(flags, args)
 
@@ -286,6 +295,8 @@ def _transcribe_one(
     speed = f"{audio_s / wall_s:.1f}x real time" if wall_s > 0 else ""
     outputs = ", ".join(printable(str(target)) for target in written)
     progress.print(f"{printable(str(path))}: {audio_s:.1f} s in {wall_s:.1f} s ({speed}) -> {outputs}")
+    for warning in result.warnings:
+        progress.print(f"warning: '{printable(str(path))}': {warning}")
     return True
 
 
@@ -402,6 +413,7 @@ class OutputNamer:
         self._taken: set[Path] = set()
 
     def write(self, source: Path, result: FileResult, model: str) -> list[Path]:
+        from assistant.asr.cues import CueOptions
         from assistant.asr.writers import WRITERS
 
         directory = Path(self._config.transcribe.output_dir) if self._config.transcribe.output_dir else source.parent
@@ -417,6 +429,8 @@ class OutputNamer:
             **name_fields(source, "source"),  # "source" as text; "source_bytes" too when the name is not UTF-8
             "model": model,
             "task": self._config.asr.task,
+            "audio_track": result.source.track,
+            **({"audio_channel": result.source.channel} if result.source.channel is not None else {}),
             "timings": {
                 "decode_s": round(result.timings.decode_s, 3),
                 "vad_s": round(result.timings.vad_s, 3),
@@ -427,7 +441,7 @@ class OutputNamer:
         written = []
         for fmt in self._config.transcribe.formats:
             target = directory / f"{stem}.{fmt}"
-            text = WRITERS[fmt](result.transcript, meta)
+            text = WRITERS[fmt](result.transcript, meta, CueOptions.from_config(self._config.transcribe))
             atomic_write_text(target, text, what="output", error=OutputError, private=False)  # readable as umask says
             written.append(target)
         return written

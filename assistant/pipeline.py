@@ -119,8 +119,8 @@ class TranscriptionPipeline:
         )
         warnings = ()
         if not transcript.text and source.others:
-            warnings = (f"no speech was recognised in {source.label}, but {source.others}; choose another with "
-                        "--audio-track N (transcribe.audio_track)",)  # fmt: skip
+            warnings = (f"no speech was recognised in {source.label}; {source.others}: choose one with --audio-track N "
+                        "(transcribe.audio_track)",)  # fmt: skip
         return FileResult(info, transcript, timings, source, warnings)
 
     def _speech_seconds(self, audio: Audio) -> float:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from assistant.messages import SAMPLE_RATE, Audio, Segment, Transcript
+from assistant.messages import SAMPLE_RATE, Audio, Segment, Transcript, Word
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -66,33 +66,50 @@ def ffmpeg_generate(target: Path, *args: str) -> Path:
 
 
 class FakeTranscriber:
-    """Says which piece of audio it heard: one segment per window, text = the window's start time."""
+    """Says which piece of audio it heard: one segment per window, text = the window's start time. With no language
+    given, each window "detects" ``language`` (or what ``detect(audio)`` says: a code and a probability)."""
 
     description = "fake"
 
-    def __init__(self, batch_size: int = 2, language: str = "en", text: str | None = None) -> None:
+    def __init__(
+        self,
+        batch_size: int = 2,
+        language: str = "en",
+        text: str | None = None,
+        detect: Callable[[Audio], tuple[str, float]] | None = None,
+    ) -> None:
         self.batch_size = batch_size
-        self.detected = language
+        self.detect = detect or (lambda audio: (language, 0.99))
         self.text = text
         self.calls: list[list[tuple[float, float]]] = []
+        self.languages: list[str | None] = []  # the language each call was given
         self.detect_calls = 0
 
     def supports_language(self, language: str) -> bool:
         return language in ("en", "zh", "de")
 
-    def detect_language(self, audio: Audio) -> str:
-        self.detect_calls += 1
-        return self.detected
-
     def transcribe_many(
-        self, audios: Sequence[Audio], *, language: str | None, task: str = "transcribe", timestamps: bool = True
+        self,
+        audios: Sequence[Audio],
+        *,
+        language: str | None,
+        task: str = "transcribe",
+        timestamps: bool = True,
+        word_timestamps: bool = False,
     ) -> list[Transcript]:
         self.calls.append([(a.start_s, a.end_s) for a in audios])
+        self.languages.append(language)
         results = []
         for audio in audios:
+            probability = None
+            if language is None:
+                self.detect_calls += 1
+                code, probability = self.detect(audio)
             text = self.text or f"window at {audio.start_s:.1f}"
-            segment = Segment(0.0, audio.duration_s + 5.0, text)  # runs past the end on purpose: must be clipped
-            results.append(Transcript(text, language, (segment,), audio.duration_s))
+            words = (Word(" " + text.split()[0], 0.1, 0.4, 0.9),) if word_timestamps else ()
+            # runs past the end on purpose: must be clipped
+            segment = Segment(0.0, audio.duration_s + 5.0, text, words, language or code)
+            results.append(Transcript(text, language or code, (segment,), audio.duration_s, probability))
         return results
 
 

@@ -164,12 +164,12 @@ def choose_source(info: AudioInfo, speech_s: Callable[[Audio], float], *, track:
     use_channel = channel is not None and seconds >= mix * CHANNEL_ADVANTAGE and seconds - mix >= CHANNEL_ADVANTAGE_S
     others = _other_tracks(info, best.index)
     if differ:
-        others = "; ".join(filter(None, [others, f"its {best.channels} channels differ"]))
+        others = "; ".join(filter(None, [others, f"the {best.channels} channels of track {best.index} differ"]))
     return AudioSource(best.index, channel if use_channel else None, others)
 
 
 def _other_tracks(info: AudioInfo, chosen: int) -> str:
-    return f"it has {len(info.tracks)} audio tracks and track {chosen} was used" if len(info.tracks) > 1 else ""
+    return f"the file has {len(info.tracks)} audio tracks (0 to {len(info.tracks) - 1})" if len(info.tracks) > 1 else ""
 
 
 def _listen(
