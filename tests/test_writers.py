@@ -1,5 +1,6 @@
 import json
 
+from assistant.asr.cues import CueOptions
 from assistant.asr.writers import WRITERS
 from assistant.messages import Segment, Transcript
 
@@ -11,18 +12,52 @@ TRANSCRIPT = Transcript(
 )
 
 
+LONG = Transcript(
+    text="",
+    language="en",
+    segments=(
+        Segment(
+            0.0,
+            12.0,
+            "Subtitles are easier to read when every cue holds at most two short lines, and when it leaves the "
+            "screen before the next thought begins.",
+        ),
+    ),
+    audio_s=12.0,
+)
+
+
 def test_srt_cues():
+    # the text's own line breaks are not kept: cue lines are cut by the rules (assistant/asr/cues.py)
     text = WRITERS["srt"](TRANSCRIPT, {})
     assert text == (
         "1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n"
-        "2\n01:01:01,250 --> 01:01:02,000\n你好 -> world\nsecond line\n"
+        "2\n01:01:01,250 --> 01:01:02,000\n你好 -> world second line\n"
     )
 
 
-def test_vtt_header_and_dot_decimals():
+def test_vtt_header_dot_decimals_and_escapes():
     text = WRITERS["vtt"](TRANSCRIPT, {})
     assert text.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nHello there.\n\n")
-    assert "01:01:01.250 --> 01:01:02.000\n你好 -> world\nsecond line\n" in text
+    assert "01:01:01.250 --> 01:01:02.000\n你好 -&gt; world second line\n" in text
+    assert "a &lt;b&gt; &amp; c" in WRITERS["vtt"](Transcript("", None, (Segment(0, 1, "a <b> & c"),)), {})
+
+
+def test_srt_and_vtt_split_a_long_segment_into_readable_cues():
+    for fmt in ("srt", "vtt"):
+        lines = [line for line in WRITERS[fmt](LONG, {}).splitlines() if line and "-->" not in line]
+        lines = [line for line in lines if not line.isdigit() and line != "WEBVTT"]
+        assert len(lines) >= 3 and all(len(line) <= 42 for line in lines), lines
+    narrow = WRITERS["srt"](LONG, {}, CueOptions(max_line_chars=20, max_cue_s=2.0))
+    assert all(len(line) <= 20 for line in narrow.splitlines() if "-->" not in line)
+    assert narrow.count(" --> ") > WRITERS["srt"](LONG, {}).count(" --> ")
+
+
+def test_txt_tsv_json_keep_whole_segments():
+    segment = LONG.segments[0]
+    assert WRITERS["txt"](LONG, {}) == segment.text + "\n"
+    assert WRITERS["tsv"](LONG, {}).splitlines()[1] == f"0\t12000\t{segment.text}"
+    assert json.loads(WRITERS["json"](LONG, {}))["segments"][0]["text"] == segment.text
 
 
 def test_tsv_in_milliseconds():

@@ -24,8 +24,6 @@ class Transcriber(Protocol):
 
     def supports_language(self, language: str) -> bool: ...
 
-    def detect_language(self, audio: Audio) -> str: ...
-
     def transcribe_many(
         self,
         audios: Sequence[Audio],

@@ -71,10 +71,6 @@ class FasterWhisperTranscriber:
     def supports_language(self, language: str) -> bool:
         return language in self._model.supported_languages
 
-    def detect_language(self, audio: Audio) -> str:
-        language, _probability, _all = self._model.detect_language(audio.samples)
-        return language
-
     def transcribe_many(
         self,
         audios: Sequence[Audio],

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from assistant.asr.base import language_error
+from assistant.asr.words import words_of_segment
 from assistant.config import AsrConfig, Task
 from assistant.devices import pick_attention, pick_device, pick_dtype, quiet_model_libraries
 from assistant.errors import AsrError, ConfigError, ModelLoadError
-from assistant.messages import SAMPLE_RATE, Audio, Segment, Transcript
+from assistant.messages import SAMPLE_RATE, Audio, Segment, Transcript, Word
 from assistant.models import ModelLocation, cache_dir, hub_unreachable, resolve_model
 
 _WINDOW_FRAMES = 3000  # mel frames in Whisper's 30 s window
@@ -68,18 +69,33 @@ class WhisperHFTranscriber:
     def supports_language(self, language: str) -> bool:
         return language in self._languages
 
-    def detect_language(self, audio: Audio) -> str:
+    def _detect(self, features: Any) -> list[tuple[str, float]]:
+        """Each window's most likely language and its probability: the decoder's first step over the language
+        tokens only, as openai/whisper's ``detect_language`` (transformers' returns no probabilities)."""
         import torch
 
-        features = self._features([audio])["input_features"][:, :, :_WINDOW_FRAMES]
+        model = self._model
+        windows = features[:, :, :_WINDOW_FRAMES]
+        start = torch.full((windows.shape[0], 1), model.generation_config.decoder_start_token_id, device=self._device)
         with torch.inference_mode():
-            token_ids = self._model.detect_language(features)
-        by_id = {token_id: code for code, token_id in self._languages.items()}
-        return by_id[int(token_ids[0])]
+            logits = model(input_features=windows, decoder_input_ids=start).logits[:, -1].float()
+        codes = list(self._languages)
+        ids = torch.tensor([self._languages[code] for code in codes], device=logits.device)
+        probabilities = torch.softmax(logits[:, ids], dim=-1)
+        best = probabilities.argmax(dim=-1)
+        return [(codes[int(i)], float(probabilities[row, i])) for row, i in enumerate(best)]
 
     def transcribe_many(
-        self, audios: Sequence[Audio], *, language: str | None, task: Task = "transcribe", timestamps: bool = True
+        self,
+        audios: Sequence[Audio],
+        *,
+        language: str | None,
+        task: Task = "transcribe",
+        timestamps: bool = True,
+        word_timestamps: bool = False,
     ) -> list[Transcript]:
+        """Windows of similar length are decoded in batches; with ``language=None`` each window's language is
+        detected first (one extra encoder pass per batch) and the batch decodes each in its own language."""
         if language and not self.supports_language(language):
             raise AsrError(language_error(language, self._config.model))
         order = sorted(range(len(audios)), key=lambda i: -len(audios[i].samples))  # similar lengths batch together
@@ -87,7 +103,8 @@ class WhisperHFTranscriber:
         for first in range(0, len(order), self.batch_size):
             indexes = order[first : first + self.batch_size]
             batch = [audios[i] for i in indexes]
-            for index, transcript in zip(indexes, self._transcribe_batch(batch, language, task), strict=True):
+            decoded = self._transcribe_batch(batch, language, task, word_timestamps)
+            for index, transcript in zip(indexes, decoded, strict=True):
                 results[index] = transcript
         return [results[i] for i in range(len(audios))]
 
@@ -106,26 +123,34 @@ class WhisperHFTranscriber:
             "attention_mask": inputs["attention_mask"].to(self._device),
         }
 
-    def _transcribe_batch(self, audios: Sequence[Audio], language: str | None, task: Task) -> list[Transcript]:
+    def _transcribe_batch(
+        self, audios: Sequence[Audio], language: str | None, task: Task, words: bool
+    ) -> list[Transcript]:
         import torch
 
         inputs = self._features(audios)
+        guesses = self._detect(inputs["input_features"]) if language is None else [(language, None)] * len(audios)
+        options = self._generate_options([code for code, _ in guesses], task)
+        if words:  # cross-attention times per token, and the scores for each token's probability
+            options.update(return_token_timestamps=True, output_scores=True, return_dict_in_generate=True)
         with torch.inference_mode():
-            output = self._model.generate(**inputs, **self._generate_options(language, task))
-        tokenizer = self._processor.tokenizer
+            output = self._model.generate(**inputs, **options)
         transcripts = []
-        for audio, segments in zip(audios, output["segments"], strict=True):
-            found = []
-            for segment in segments:
-                text = tokenizer.decode(segment["tokens"], skip_special_tokens=True).strip()
-                if text:
-                    found.append(Segment(float(segment["start"]), float(segment["end"]), text))
-            transcripts.append(
-                Transcript(" ".join(s.text for s in found), language, tuple(found), audio_s=audio.duration_s)
-            )
+        for audio, segments, (code, probability) in zip(audios, output["segments"], guesses, strict=True):
+            found = [self._segment(segment, code, words) for segment in segments]
+            kept = tuple(segment for segment in found if segment.text)
+            transcripts.append(Transcript(" ".join(s.text for s in kept), code, kept, audio.duration_s, probability))
         return transcripts
 
-    def _generate_options(self, language: str | None, task: Task) -> dict[str, Any]:
+    def _segment(self, segment: dict[str, Any], language: str, words: bool) -> Segment:
+        tokenizer = self._processor.tokenizer
+        text = tokenizer.decode(segment["tokens"], skip_special_tokens=True).strip()
+        found: tuple[Word, ...] = ()
+        if words and text:
+            found = words_of_segment(tokenizer, segment, language)
+        return Segment(float(segment["start"]), float(segment["end"]), text, found, language)
+
+    def _generate_options(self, language: str | list[str] | None, task: Task) -> dict[str, Any]:
         config = self._config
         options: dict[str, Any] = {
             "task": task,

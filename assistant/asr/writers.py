@@ -1,49 +1,61 @@
-"""Transcript writers: one function per output format, looked up in WRITERS (as openai/whisper does)."""
+"""Transcript writers: one function per output format, looked up in WRITERS (as openai/whisper does).
+
+Every writer is called as ``WRITERS[fmt](transcript, meta, options)``. SRT and VTT cut segments into readable cues
+(``assistant.asr.cues``: 2 lines of 42 characters, 16 for CJK text, 7 s at most, following ``options``); TXT, TSV and
+JSON keep whole segments and ignore ``options``; only JSON writes ``meta``.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-from assistant.messages import Segment, Transcript
+from assistant.asr.cues import CueOptions, build_cues
+from assistant.messages import Transcript
+
+DEFAULT_CUES = CueOptions()
 
 
-def _clock(seconds: float, decimal: str) -> str:
-    millis = max(0, round(seconds * 1000))
+class Writer(Protocol):
+    def __call__(
+        self, transcript: Transcript, meta: Mapping[str, Any], options: CueOptions = DEFAULT_CUES, /
+    ) -> str: ...
+
+
+def _clock(millis: int, decimal: str) -> str:
     hours, millis = divmod(millis, 3_600_000)
     minutes, millis = divmod(millis, 60_000)
     secs, millis = divmod(millis, 1000)
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
 
 
-def _cue_text(segment: Segment) -> str:
-    # A blank line ends a cue and "-->" starts a timing line in both SRT and VTT; neither may appear in the text.
-    lines = [line.strip() for line in segment.text.replace("-->", "->").splitlines() if line.strip()]
-    return "\n".join(lines)
+def _vtt_escape(text: str) -> str:
+    # WebVTT cue text: "&" and "<" start escapes and tags, and ">" is escaped too (W3C WebVTT, 4.2.2 "Cue text").
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def write_txt(transcript: Transcript, meta: Mapping[str, Any]) -> str:
+def write_txt(transcript: Transcript, meta: Mapping[str, Any], options: CueOptions = DEFAULT_CUES) -> str:
     return "".join(f"{segment.text.strip()}\n" for segment in transcript.segments)
 
 
-def write_srt(transcript: Transcript, meta: Mapping[str, Any]) -> str:
+def write_srt(transcript: Transcript, meta: Mapping[str, Any], options: CueOptions = DEFAULT_CUES) -> str:
     cues = [
-        f"{number}\n{_clock(s.start_s, ',')} --> {_clock(max(s.end_s, s.start_s), ',')}\n{_cue_text(s)}\n"
-        for number, s in enumerate(transcript.segments, start=1)
+        f"{number}\n{_clock(cue.start_ms, ',')} --> {_clock(cue.end_ms, ',')}\n{cue.text}\n"
+        for number, cue in enumerate(build_cues(transcript.segments, options), start=1)
     ]
     return "\n".join(cues)
 
 
-def write_vtt(transcript: Transcript, meta: Mapping[str, Any]) -> str:
+def write_vtt(transcript: Transcript, meta: Mapping[str, Any], options: CueOptions = DEFAULT_CUES) -> str:
     cues = [
-        f"{_clock(s.start_s, '.')} --> {_clock(max(s.end_s, s.start_s), '.')}\n{_cue_text(s)}\n"
-        for s in transcript.segments
+        f"{_clock(cue.start_ms, '.')} --> {_clock(cue.end_ms, '.')}\n{_vtt_escape(cue.text)}\n"
+        for cue in build_cues(transcript.segments, options)
     ]
     return "WEBVTT\n\n" + "\n".join(cues)
 
 
-def write_tsv(transcript: Transcript, meta: Mapping[str, Any]) -> str:
+def write_tsv(transcript: Transcript, meta: Mapping[str, Any], options: CueOptions = DEFAULT_CUES) -> str:
     rows = ["start\tend\ttext"]
     rows += [
         f"{round(s.start_s * 1000)}\t{round(s.end_s * 1000)}\t{' '.join(s.text.split())}" for s in transcript.segments
@@ -51,7 +63,7 @@ def write_tsv(transcript: Transcript, meta: Mapping[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_json(transcript: Transcript, meta: Mapping[str, Any]) -> str:
+def write_json(transcript: Transcript, meta: Mapping[str, Any], options: CueOptions = DEFAULT_CUES) -> str:
     document = {
         "text": transcript.text,
         "language": transcript.language,
@@ -65,7 +77,7 @@ def write_json(transcript: Transcript, meta: Mapping[str, Any]) -> str:
     return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
 
 
-WRITERS: dict[str, Callable[[Transcript, Mapping[str, Any]], str]] = {
+WRITERS: dict[str, Writer] = {
     "txt": write_txt,
     "srt": write_srt,
     "vtt": write_vtt,

@@ -28,6 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from starlette.requests import ClientDisconnect
 
 from assistant import registry
+from assistant.asr.cues import CueOptions
 from assistant.asr.writers import WRITERS
 from assistant.chat import ChatSession
 from assistant.config import Config, SamplingConfig, build
@@ -309,7 +310,8 @@ def create_app(services: Services) -> FastAPI:
         if response_format == "text":
             return PlainTextResponse(transcript.text + "\n")
         if response_format in ("srt", "vtt"):
-            return PlainTextResponse(WRITERS[response_format](transcript, {}))
+            cues = CueOptions.from_config(config.transcribe)
+            return PlainTextResponse(WRITERS[response_format](transcript, {}, cues))
         if response_format == "json":
             return {"text": transcript.text}
         return {
