@@ -9,6 +9,7 @@ boundary bugs). Windows of several pieces are decoded in one batch, long-form in
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -145,10 +146,14 @@ class WhisperHFTranscriber:
     def _segment(self, segment: dict[str, Any], language: str, words: bool) -> Segment:
         tokenizer = self._processor.tokenizer
         text = tokenizer.decode(segment["tokens"], skip_special_tokens=True).strip()
+        start, end = float(segment["start"]), float(segment["end"])
         found: tuple[Word, ...] = ()
-        if words and text:
-            found = words_of_segment(tokenizer, segment, language)
-        return Segment(float(segment["start"]), float(segment["end"]), text, found, language)
+        if words and text:  # kept inside the segment Whisper's timestamp tokens give
+            found = tuple(
+                replace(w, start_s=min(max(w.start_s, start), end), end_s=min(max(w.end_s, start), end))
+                for w in words_of_segment(tokenizer, segment, language)
+            )
+        return Segment(start, end, text, found, language)
 
     def _generate_options(self, language: str | list[str] | None, task: Task) -> dict[str, Any]:
         config = self._config

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from assistant.asr.cues import CueOptions, build_cues
-from assistant.messages import Transcript
+from assistant.messages import Segment, Transcript
 
 DEFAULT_CUES = CueOptions()
 
@@ -63,15 +63,28 @@ def write_tsv(transcript: Transcript, meta: Mapping[str, Any], options: CueOptio
     return "\n".join(rows) + "\n"
 
 
+def segment_json(index: int, segment: Segment) -> dict[str, Any]:
+    """One segment as JSON: openai/whisper's fields, plus ``language`` when known and ``words`` when asked for."""
+    document: dict[str, Any] = {
+        "id": index, "start": round(segment.start_s, 3), "end": round(segment.end_s, 3), "text": segment.text,
+    }  # fmt: skip
+    if segment.language:
+        document["language"] = segment.language
+    if segment.words:
+        document["words"] = [
+            {"word": w.word, "start": round(w.start_s, 3), "end": round(w.end_s, 3),
+             "probability": round(w.probability, 3)}
+            for w in segment.words
+        ]  # fmt: skip
+    return document
+
+
 def write_json(transcript: Transcript, meta: Mapping[str, Any], options: CueOptions = DEFAULT_CUES) -> str:
     document = {
         "text": transcript.text,
         "language": transcript.language,
         "duration": round(transcript.audio_s, 3),
-        "segments": [
-            {"id": i, "start": round(s.start_s, 3), "end": round(s.end_s, 3), "text": s.text}
-            for i, s in enumerate(transcript.segments)
-        ],
+        "segments": [segment_json(i, s) for i, s in enumerate(transcript.segments)],
         **meta,
     }
     return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
