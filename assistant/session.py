@@ -42,6 +42,7 @@ import numpy as np
 
 from assistant.asr.base import PartialTranscriber
 from assistant.asr.text import apply_zh_script
+from assistant.audio.level import StreamLevel, normalize
 from assistant.chat import ChatSession
 from assistant.config import Config, VadConfig, ZhScript
 from assistant.endpointing import FRAME_SAMPLES, Endpointer, SpeechProbability
@@ -248,6 +249,7 @@ class VoiceSession:
         self._buffer: list[np.ndarray] = []  # manual commits: audio since the last commit
         self._buffered = 0
         self._heard = 0  # samples pushed in this session (for audio_start_ms / audio_end_ms)
+        self._level = StreamLevel()
         self._segment_offset_s = 0.0  # where the current endpointer's clock starts in the session's audio
         self.items: list[str] = [new_id("item") for _ in chat.conversation.turns]  # ids of conversation.turns
         self._spoken: dict[str, _Spoken] = {}  # reply item id -> what its audio said
@@ -273,9 +275,12 @@ class VoiceSession:
     # --- input ------------------------------------------------------------------------------------------------------
 
     async def push_audio(self, samples: np.ndarray) -> None:
-        """16 kHz mono float32 samples, as captured."""
+        """16 kHz mono float32 samples, as captured. With the server's VAD the level is normalised as it streams
+        (a microphone set far too low is common: ``StreamLevel``); manual turns are normalised whole at commit."""
         self._ensure_loop()
         segmenter = await self._segmenter()
+        if segmenter is not None:
+            samples = self._level.apply(samples)
         if segmenter is None:  # manual commits
             self._buffer.append(samples)
             self._buffered += len(samples)
@@ -307,7 +312,8 @@ class VoiceSession:
         self._buffer, self._buffered = [], 0
         item_id = new_id("item")
         await self._emit(SpeechStopped(item_id, self._heard / SAMPLE_RATE))
-        self._turns.put_nowait(_Turn(Audio(samples, SAMPLE_RATE, start_s), item_id, self._clock()))
+        turn, _gain_db = normalize(Audio(samples, SAMPLE_RATE, start_s))
+        self._turns.put_nowait(_Turn(turn, item_id, self._clock()))
 
     def clear_audio(self) -> None:
         """Drop audio not yet turned into a turn."""
