@@ -122,6 +122,24 @@ def test_transcriptions_in_every_format(server: str, question: Path, response_fo
         assert result.language == "en" and result.segments and result.duration > 1
 
 
+def test_word_timestamps_as_the_openai_sdk_asks_for_them(server: str, question: Path) -> None:
+    api = client(server)
+    with question.open("rb") as audio:
+        result = api.audio.transcriptions.create(model="whisper-1", file=audio, response_format="verbose_json",
+                                                 timestamp_granularities=["word"])  # fmt: skip
+    assert result.words and not result.segments, "only what was asked for"
+    assert " ".join(w.word for w in result.words).lower().count("capital") == 1
+    starts = [w.start for w in result.words]
+    assert starts == sorted(starts) and all(w.start <= w.end <= result.duration + 0.05 for w in result.words)
+    with question.open("rb") as audio:
+        both = api.audio.transcriptions.create(model="whisper-1", file=audio, response_format="verbose_json",
+                                               timestamp_granularities=["word", "segment"])  # fmt: skip
+    assert both.words and both.segments
+    with pytest.raises(openai.BadRequestError, match="verbose_json"), question.open("rb") as audio:
+        api.audio.transcriptions.create(model="whisper-1", file=audio, response_format="json",
+                                        timestamp_granularities=["word"])  # fmt: skip
+
+
 def test_bad_requests_get_4xx_with_a_code(server: str, tmp_path: Path) -> None:
     api = client(server)
     with pytest.raises(openai.BadRequestError, match="messages\\[0\\]"):

@@ -29,13 +29,13 @@ from starlette.requests import ClientDisconnect
 
 from assistant import registry
 from assistant.asr.cues import CueOptions
-from assistant.asr.writers import WRITERS
+from assistant.asr.writers import WRITERS, segment_json
 from assistant.chat import ChatSession
 from assistant.config import Config, SamplingConfig, build
 from assistant.conversation import Conversation
 from assistant.errors import AssistantError, AudioDecodeError, AuthError, BusyError, ConfigError, LimitError
 from assistant.llm.base import ChatModel, generation_failed
-from assistant.messages import ROLES, Message
+from assistant.messages import ROLES, Message, Transcript
 from assistant.pipeline import TranscriptionPipeline
 from assistant.session import Services as SessionServices
 from assistant.tts.base import Speech, check_speed
@@ -43,6 +43,37 @@ from assistant.tts.encode import FORMATS, encode
 from assistant.worker import ModelWorker
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("segment", "word")
+
+
+def timestamp_granularities(values: list[Any], response_format: str) -> frozenset[str]:
+    """OpenAI's ``timestamp_granularities[]`` form field (the openai SDK's ``timestamp_granularities=[...]``):
+    segment (the default), word, or both; only with ``verbose_json``, as OpenAI requires."""
+    given = frozenset(str(value) for value in values)
+    unknown = sorted(given - set(GRANULARITIES))
+    if unknown:
+        raise ConfigError(f"timestamp_granularities {unknown}: choose from {', '.join(GRANULARITIES)}")
+    if given and response_format != "verbose_json":
+        raise ConfigError("timestamp_granularities needs response_format=verbose_json")
+    return given or frozenset({"segment"})
+
+
+def verbose_json(transcript: Transcript, granularities: frozenset[str]) -> dict[str, Any]:
+    """OpenAI's verbose_json: segments when asked for (the default), and the words of the whole file at the top
+    level when ``word`` is asked for, as OpenAI returns them (``word``, ``start``, ``end``)."""
+    document: dict[str, Any] = {
+        "task": "transcribe", "language": transcript.language, "duration": transcript.audio_s, "text": transcript.text,
+    }  # fmt: skip
+    if "segment" in granularities:
+        document["segments"] = [segment_json(i, s) for i, s in enumerate(transcript.segments)]
+    if "word" in granularities:
+        document["words"] = [
+            {"word": w.word.strip(), "start": round(w.start_s, 3), "end": round(w.end_s, 3)}
+            for s in transcript.segments for w in s.words
+        ]  # fmt: skip
+    return document
+
+
 SPEECH_FORMATS = tuple(FORMATS)  # POST /v1/audio/speech response_format: mp3 (default), opus, aac, flac, wav, pcm
 MAX_SPEECH_CHARS = 4096  # POST /v1/audio/speech input, OpenAI's limit
 _STATUS = {"config": 400, "prompt-too-long": 400, "audio-decode": 400, "limit": 413, "busy": 503,
@@ -291,6 +322,7 @@ def create_app(services: Services) -> FastAPI:
         if response_format not in RESPONSE_FORMATS:
             raise ConfigError(f"response_format {response_format!r}: choose one of {', '.join(RESPONSE_FORMATS)}")
         language = str(form.get("language") or "") or None
+        granularities = timestamp_granularities(form.getlist("timestamp_granularities[]"), response_format)
         with tempfile.TemporaryDirectory(prefix="assistant-upload-") as folder:
             path = Path(folder) / "upload"  # our own name: nothing the client sends becomes a path
             size = 0
@@ -302,7 +334,9 @@ def create_app(services: Services) -> FastAPI:
                     out.write(block)
             try:
                 result = await services.worker.run(
-                    lambda: services.transcription.transcribe_file(path, language=language)
+                    lambda: services.transcription.transcribe_file(
+                        path, language=language, word_timestamps="word" in granularities
+                    )
                 )
             except AudioDecodeError as exc:  # name the client's file, not our temporary path
                 raise AudioDecodeError(exc.message.replace(str(path), upload.filename or "the upload")) from None
@@ -314,12 +348,7 @@ def create_app(services: Services) -> FastAPI:
             return PlainTextResponse(WRITERS[response_format](transcript, {}, cues))
         if response_format == "json":
             return {"text": transcript.text}
-        return {
-            "task": "transcribe", "language": transcript.language, "duration": transcript.audio_s,
-            "text": transcript.text,
-            "segments": [{"id": i, "start": s.start_s, "end": s.end_s, "text": s.text}
-                         for i, s in enumerate(transcript.segments)],
-        }  # fmt: skip
+        return verbose_json(transcript, granularities)
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request) -> Any:
