@@ -37,7 +37,8 @@ class AsrConfig:
     attention: str = "auto"  # whisper-hf: auto | sdpa | flash_attention_2 | eager
     threads: int = 0  # CPU threads, 0 = all cores
     chunk_s: float = 30.0  # longest audio piece sent to the model in one window, seconds
-    batch_size: int = 16  # windows decoded together (GPU); 0 = as many as free VRAM holds (whisper-hf on CUDA)
+    batch_size: int = 0  # windows decoded together; 0 = auto: CPU 1 (faster-whisper) or 4 (whisper-hf), CUDA 16
+    # (faster-whisper) or as many as free VRAM holds (whisper-hf)
     language: str | None = None  # None = detect; zh, en, yue, ...
     task: Task = "transcribe"
     zh_script: ZhScript = "simplified"  # applied when the language is zh
@@ -54,7 +55,7 @@ class AsrConfig:
         if self.backend not in registry.ASR_BACKENDS:
             raise ConfigError(f"asr.backend: unknown backend {self.backend!r}; choose one of {registry.names('asr')}")
         _require(self.chunk_s > 0 and self.chunk_s <= 30, "asr.chunk_s", self.chunk_s, "a number in (0, 30]")
-        _require(self.batch_size >= 0, "asr.batch_size", self.batch_size, "0 (auto from free VRAM) or an integer >= 1")
+        _require(self.batch_size >= 0, "asr.batch_size", self.batch_size, "0 (auto) or an integer >= 1")
         _require(self.beam_size >= 1, "asr.beam_size", self.beam_size, "an integer >= 1")
         _require(self.threads >= 0, "asr.threads", self.threads, "0 (all cores) or a positive integer")
         _require(len(self.temperatures) > 0, "asr.temperatures", self.temperatures, "a non-empty list")

@@ -19,7 +19,9 @@ from assistant.models import hub_unreachable, resolve_model
 FULL_WINDOW_FRAMES = 3000  # 30 s of 10 ms mel frames: Whisper's window
 PARTIAL_STEP_FRAMES = 200  # the window grows in 2 s steps
 PARTIAL_MARGIN_FRAMES = 200  # and keeps 2 s of silence after the speech
-AUTO_BATCH = 8  # asr.batch_size 0: windows per batch (see benchmarks/asr.py)
+# asr.batch_size 0: windows per batch. On a CPU each extra window costs ~120 MB (the encoder's 1500x1500 attention
+# per head) for a few per cent of speed (benchmarks/asr.py): one at a time keeps memory under the plain script's.
+AUTO_BATCH_CPU, AUTO_BATCH_CUDA = 1, 16
 WINDOW_S = 30.0  # windows up to this long are decoded in batches
 # faster-whisper's defaults for attaching punctuation to the neighbouring word
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
@@ -47,6 +49,7 @@ class FasterWhisperTranscriber:
         self._config = config
         where = config.device if device == "cuda" else "cpu"
         self._description = f"faster-whisper {config.model} {compute_type} {where}"
+        self._on_cuda = device == "cuda"
         try:
             self._model = WhisperModel(
                 str(location.path) if location.path else config.model,
@@ -66,7 +69,7 @@ class FasterWhisperTranscriber:
 
     @property
     def batch_size(self) -> int:
-        return self._config.batch_size or AUTO_BATCH
+        return self._config.batch_size or (AUTO_BATCH_CUDA if self._on_cuda else AUTO_BATCH_CPU)
 
     def supports_language(self, language: str) -> bool:
         return language in self._model.supported_languages
