@@ -83,7 +83,9 @@ class TranscriptionPipeline:
         language = normalize_language(language) or self._language
         if language and not self.transcriber.supports_language(language):
             raise ConfigError(f"language: {language_error(language, self._asr.model)}")
-        words = word_timestamps or self._asr.word_timestamps
+        keep_words = word_timestamps or self._asr.word_timestamps
+        # without a VAD a Whisper segment may run on over a long silence: its words say where the speech ends
+        words = keep_words or self._vad is None
         segments: list[Segment] = []
         spoken = SpokenLanguages()
         pieces = clock.timed_iter("decode", stream_audio(path, source=source, piece_s=DECODE_PIECE_S))
@@ -103,7 +105,8 @@ class TranscriptionPipeline:
                     results = self._settle_languages(windows, results, spoken.last, words)
             for window, result in zip(windows, results, strict=True):
                 spoken.add(result, window.duration_s)
-                segments.extend(_place(result.segments, window))
+                placed = _place(result.segments, window)
+                segments.extend(placed if keep_words else (_fit_to_words(segment) for segment in placed))
             if on_progress:
                 on_progress(block.end_s)
         audio_s = clock.decoded_s
@@ -201,6 +204,15 @@ def _place(segments: Sequence[Segment], window: Audio) -> Iterator[Segment]:
             word_start = clip(word.start_s, start)
             words.append(Word(word.word, word_start, clip(word.end_s, word_start), round(float(word.probability), 3)))
         yield Segment(start, clip(segment.end_s, start), segment.text, tuple(words), segment.language)
+
+
+def _fit_to_words(segment: Segment) -> Segment:
+    """The segment from its first word's start to its last word's end, without its words (they were asked for
+    only to place it)."""
+    if not segment.words:
+        return segment
+    start, end = segment.words[0].start_s, segment.words[-1].end_s
+    return Segment(max(segment.start_s, start), max(min(segment.end_s, end), start), segment.text, (), segment.language)
 
 
 def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

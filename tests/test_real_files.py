@@ -108,3 +108,12 @@ def test_a_mono_single_track_file_is_decoded_without_listening_first(kit):
     calls = []
     source = choose_source(probe(kit / "fox.wav"), lambda audio: calls.append(audio) or 0.0)
     assert source == AudioSource() and calls == []
+
+
+def test_no_cue_over_a_long_pause_without_the_vad(kit):
+    """Without a VAD, Whisper's own segment runs over the pause (0 -> 18 s); its words say where the speech ends."""
+    pipeline = TranscriptionPipeline.from_config_parts(AsrConfig(), VadConfig(enabled=False), TranscribeConfig())
+    segments = pipeline.transcribe_file(kit / "long-pause.wav").transcript.segments
+    fox = load_audio(kit / "fox.wav").samples
+    assert segments and segments[0].end_s <= len(fox) / 16000 + 0.5, segments
+    assert all(not segment.words for segment in segments), "words were only used to place the segments"
