@@ -1,25 +1,46 @@
-"""ASR speed and memory: each backend against the plain transformers pipeline script users run today.
+"""ASR end to end: our default ``assistant transcribe`` command against the peers' own scripts, on one file.
 
-    .venv/bin/python benchmarks/asr.py [--minutes 3] [--audio FILE] [--systems baseline,whisper-hf,faster-whisper]
+    .venv/bin/python benchmarks/asr.py [--minutes 3] [--audio FILE] [--repeats 3]
+        [--systems ours,faster-whisper,faster-whisper-batched,transformers,whisper-hf]
 
-Every system transcribes the same audio in its own process (so peak RSS is its own), after loading its model
-once; the table gives x real time (audio s / wall s), peak RSS, and the speed ratio to the baseline, plus the word error
-rate against the script the speech was synthesised from (when the benchmark made the speech itself).
-The baseline is the 30-line script from today's guides: pydub converts m4a to mp3, then
-``pipeline("automatic-speech-recognition", chunk_length_s=30, batch_size=16, return_timestamps=True)`` runs on the
-same Whisper weights (converted to transformers format), float32 on CPU, fp16 on CUDA.
+Every figure is a whole process, measured from outside the way a user meets a command: wall seconds from the start
+of the child process to its exit (imports + model load + decoding + writing the transcript), and the child's own peak
+RSS (``os.wait4`` on that child). Each system runs ``--repeats`` times, interleaved (A B C D A B C D ...) so that load
+from other users of the machine spreads over all of them; the table gives the median wall, the largest peak RSS, x
+real time (audio seconds / median wall), both as ratios to the plain faster-whisper script, and the word error rate
+against the script the speech was synthesised from (espeak-ng, when the benchmark made the speech itself).
+
+Systems, all on the same Whisper base weights:
+
+* ``ours``: ``python -m assistant transcribe FILE --quiet --format txt --output-dir DIR``, default config
+  (faster-whisper whisper-base int8 on CPU, Silero VAD on onnxruntime, batched decoding).
+* ``faster-whisper``: the plain script users write, ``WhisperModel(path, device="cpu", compute_type="int8")`` and
+  ``model.transcribe(file, vad_filter=True)``, segment texts joined into a txt (``PEER_SCRIPTS``).
+* ``faster-whisper-batched``: the same with ``BatchedInferencePipeline(model).transcribe(file, batch_size=8)``.
+* ``transformers``: the pipeline script from today's guides: pydub converts m4a to mp3, then
+  ``pipeline("automatic-speech-recognition", chunk_length_s=30, batch_size=16, return_timestamps=True)`` on the
+  weights converted to transformers format, float32 on CPU.
+* ``whisper-hf``: ours with ``--set asr.backend=whisper-hf``.
+
+The peers' scripts import neither this benchmark nor the ``assistant`` package, so their RSS is their own; the
+model directories are resolved here, in the parent, and passed on their command lines.
+
+Targets (checked by this benchmark, not by the tests): ``ours`` median wall <= 1.0x the plain faster-whisper
+script's, peak RSS <= its + 10%, WER no worse than its.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import re
-import resource
+import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SENTENCES = [
@@ -36,7 +57,71 @@ SENTENCES = [
     "The server upgrade went smoothly and no data was lost.",
     "Thank you all for your hard work during this busy month.",
 ]
-SYSTEMS = ("baseline", "whisper-hf", "faster-whisper")
+SYSTEMS = ("ours", "faster-whisper", "faster-whisper-batched", "transformers", "whisper-hf")
+REFERENCE = "faster-whisper"  # the ratios are to this row
+TARGET_WALL_RATIO = 1.0  # ours / faster-whisper, median wall
+TARGET_RSS_RATIO = 1.10  # ours / faster-whisper, peak RSS
+
+# The peers' scripts as users write them; run as ``python script.py AUDIO MODEL_DIR OUT_DIR``.
+PEER_SCRIPTS: dict[str, str] = {
+    "faster-whisper": """
+import sys
+from pathlib import Path
+
+from faster_whisper import WhisperModel
+
+audio, model_dir, out_dir = sys.argv[1:4]
+model = WhisperModel(model_dir, device="cpu", compute_type="int8")
+segments, info = model.transcribe(audio, vad_filter=True)
+text = "\\n".join(segment.text.strip() for segment in segments)
+(Path(out_dir) / (Path(audio).stem + ".txt")).write_text(text + "\\n", encoding="utf-8")
+""",
+    "faster-whisper-batched": """
+import sys
+from pathlib import Path
+
+from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+audio, model_dir, out_dir = sys.argv[1:4]
+model = WhisperModel(model_dir, device="cpu", compute_type="int8")
+pipeline = BatchedInferencePipeline(model)
+segments, info = pipeline.transcribe(audio, batch_size=8)
+text = "\\n".join(segment.text.strip() for segment in segments)
+(Path(out_dir) / (Path(audio).stem + ".txt")).write_text(text + "\\n", encoding="utf-8")
+""",
+    "transformers": """
+import sys
+from pathlib import Path
+
+import torch
+from pydub import AudioSegment
+from transformers import pipeline
+
+audio, model_dir, out_dir = sys.argv[1:4]
+pipe = pipeline(
+    "automatic-speech-recognition",
+    model=model_dir,
+    dtype=torch.float16 if torch.cuda.is_available() else torch.float32,
+    device="cuda:0" if torch.cuda.is_available() else "cpu",
+)
+# the guides convert first: the pipeline's ffmpeg_read pipes the file through stdin, which m4a cannot take
+mp3 = Path(out_dir) / (Path(audio).stem + ".mp3")
+AudioSegment.from_file(audio).export(str(mp3), format="mp3")
+output = pipe(str(mp3), chunk_length_s=30, batch_size=16, return_timestamps=True)
+(Path(out_dir) / (Path(audio).stem + ".txt")).write_text(output["text"].strip() + "\\n", encoding="utf-8")
+""",
+}
+
+
+@dataclass
+class Runs:
+    """Every measured run of one system."""
+
+    system: str
+    walls: list[float] = field(default_factory=list)  # seconds, process start to exit
+    rss_mib: list[float] = field(default_factory=list)  # the child's own peak RSS
+    texts: list[str] = field(default_factory=list)
+    failure: str = ""
 
 
 def make_speech(minutes: float, folder: Path) -> tuple[Path, str]:
@@ -66,54 +151,43 @@ def make_speech(minutes: float, folder: Path) -> tuple[Path, str]:
     return m4a, " ".join(text)
 
 
-def run_system(system: str, audio: Path) -> dict[str, float | str]:
-    """Load, then time one transcription of ``audio``; runs in a child process."""
-    started = time.perf_counter()
-    if system == "baseline":
-        text, audio_s, wall_s = _baseline(audio, started)
-        load_s = wall_s[0]
-        wall = wall_s[1]
-    else:
-        from assistant.config import load_config
-        from assistant.pipeline import TranscriptionPipeline
-
-        pipeline = TranscriptionPipeline.from_config(load_config(overrides=[f"asr.backend={system}"]))
-        load_s = time.perf_counter() - started
-        begin = time.perf_counter()
-        result = pipeline.transcribe_file(audio)
-        wall = time.perf_counter() - begin
-        text, audio_s = result.transcript.text, result.transcript.audio_s
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"system": system, "text": text, "audio_s": audio_s, "wall_s": wall, "load_s": load_s, "rss_mb": peak_rss_mb}
-
-
-def _baseline(audio: Path, started: float) -> tuple[str, float, tuple[float, float]]:
-    """The script from today's guides, on the same weights the product uses offline."""
-    import torch
-    from pydub import AudioSegment
-    from transformers import pipeline
-    from transformers.utils import logging
-
-    from assistant.asr.whisper_hf import _model_source
-    from assistant.audio.decode import probe
+def model_dirs(systems: list[str]) -> dict[str, str]:
+    """The CTranslate2 directory ours loads, and (only when ``transformers`` runs) its transformers conversion."""
     from assistant.models import resolve_model
 
-    logging.set_verbosity_error()
-    model_dir = _model_source(resolve_model("whisper-base"))
-    pipe = pipeline(
-        "automatic-speech-recognition",
-        model=model_dir,
-        dtype=torch.float16 if torch.cuda.is_available() else torch.float32,
-        device="cuda:0" if torch.cuda.is_available() else "cpu",
-    )
-    load_s = time.perf_counter() - started
-    begin = time.perf_counter()
-    # the guides convert first: the pipeline's ffmpeg_read pipes the file through stdin, which m4a cannot take
-    mp3 = audio.with_suffix(".baseline.mp3")
-    AudioSegment.from_file(str(audio)).export(str(mp3), format="mp3")
-    output = pipe(str(mp3), chunk_length_s=30, batch_size=16, return_timestamps=True)
-    wall = time.perf_counter() - begin
-    return output["text"], probe(audio).duration_s or 0.0, (load_s, wall)
+    location = resolve_model("whisper-base")
+    dirs = {"ct2": str(location.path)}
+    if "transformers" in systems:
+        from assistant.asr.whisper_hf import _model_source
+
+        dirs["hf"] = _model_source(location)  # converted once into the cache, as whisper-hf does
+    return dirs
+
+
+def peer_script(scripts: Path, system: str) -> Path:
+    """Where the peer's script is written: a name no module it imports has (``transformers.py`` would shadow)."""
+    return scripts / f"peer_{system.replace('-', '_')}.py"
+
+
+def command(system: str, audio: Path, out_dir: Path, scripts: Path, dirs: dict[str, str]) -> list[str]:
+    """The command line one run of ``system`` executes."""
+    if system in ("ours", "whisper-hf"):
+        line = [sys.executable, "-m", "assistant", "transcribe", str(audio), "--quiet", "--format", "txt"]
+        line += ["--output-dir", str(out_dir)]
+        return line + (["--set", "asr.backend=whisper-hf"] if system == "whisper-hf" else [])
+    model = dirs["hf"] if system == "transformers" else dirs["ct2"]
+    return [sys.executable, str(peer_script(scripts, system)), str(audio), model, str(out_dir)]
+
+
+def measure(line: list[str], cwd: Path, log: Path) -> tuple[float, float, int]:
+    """Run ``line`` to its exit: (wall seconds, the child's own peak RSS in MiB, exit code)."""
+    with log.open("w") as sink:
+        started = time.perf_counter()
+        child = subprocess.Popen(line, cwd=cwd, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keeps Popen from waiting again
+    return wall, usage.ru_maxrss / 1024, child.returncode
 
 
 def word_error_rate(heard: str, reference: str) -> float:
@@ -132,45 +206,119 @@ def word_error_rate(heard: str, reference: str) -> float:
     return previous[-1] / max(1, len(ref))
 
 
+def load_average() -> str:
+    """The first three fields of /proc/loadavg (1, 5 and 15 minutes)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def run_all(systems: list[str], audio: Path, repeats: int, folder: Path) -> list[Runs]:
+    """``repeats`` interleaved rounds over ``systems``; a system that fails once is dropped from later rounds."""
+    dirs = model_dirs(systems)
+    scripts = folder / "scripts"
+    scripts.mkdir()
+    for name, source in PEER_SCRIPTS.items():
+        peer_script(scripts, name).write_text(source.lstrip(), encoding="utf-8")
+    work = folder / "cwd"  # children start here: nothing in the working directory can shadow an import
+    work.mkdir()
+    results = {system: Runs(system) for system in systems}
+    for round_ in range(repeats):
+        for system in systems:
+            runs = results[system]
+            if runs.failure:
+                continue
+            out_dir = folder / f"out-{system}-{round_}"  # fresh: no earlier transcript is found or overwritten
+            out_dir.mkdir()
+            log = folder / f"log-{system}-{round_}.txt"
+            line = command(system, audio, out_dir, scripts, dirs)
+            wall, rss, code = measure(line, work, log)
+            transcript = out_dir / f"{audio.stem}.txt"
+            if code != 0 or not transcript.exists():
+                runs.failure = f"exit {code}: {shlex.join(line)}\n{log.read_text(errors='replace')[-2000:]}"
+                print(f"{system} failed ({runs.failure})", file=sys.stderr)
+                continue
+            runs.walls.append(wall)
+            runs.rss_mib.append(rss)
+            runs.texts.append(transcript.read_text(encoding="utf-8"))
+            print(f"round {round_ + 1}/{repeats} {system:23} {wall:7.1f} s {rss:7.0f} MiB", file=sys.stderr)
+    return [results[system] for system in systems]
+
+
+def print_table(results: list[Runs], audio_s: float, reference: str) -> None:
+    """The Markdown table, one row per system that ran, then the target check for ``ours``."""
+    done = [runs for runs in results if runs.walls]
+    base = next((runs for runs in done if runs.system == REFERENCE), None)
+    base_wall = statistics.median(base.walls) if base else 0.0
+    base_rss = max(base.rss_mib) if base else 0.0
+
+    def wer(runs: Runs) -> float | None:  # the worst over the repeats (greedy decoding: normally all equal)
+        return max(word_error_rate(text, reference) for text in runs.texts) if reference else None
+
+    print(f"| system | x real time | median wall s | peak RSS MiB | wall vs {REFERENCE} | RSS vs {REFERENCE} | WER |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for runs in done:
+        wall, rss, error = statistics.median(runs.walls), max(runs.rss_mib), wer(runs)
+        wall_ratio = f"{wall / base_wall:.2f}x" if base else "n/a"
+        rss_ratio = f"{rss / base_rss:.2f}x" if base else "n/a"
+        shown = f"{error:.3f}" if error is not None else "n/a"
+        cells = [runs.system, f"{audio_s / wall:.1f}", f"{wall:.1f}", f"{rss:.0f}", wall_ratio, rss_ratio, shown]
+        print("| " + " | ".join(cells) + " |")
+    print()
+    for runs in done:
+        print(f"{runs.system}: walls {', '.join(f'{w:.1f}' for w in runs.walls)} s; "
+              f"peak RSS {', '.join(f'{r:.0f}' for r in runs.rss_mib)} MiB")  # fmt: skip
+    for runs in results:
+        if runs.failure:
+            print(f"{runs.system}: FAILED, {runs.failure.splitlines()[0]}")
+    ours = next((runs for runs in done if runs.system == "ours"), None)
+    if ours and base:
+        wall_ratio = statistics.median(ours.walls) / base_wall
+        rss_ratio = max(ours.rss_mib) / base_rss
+        ours_wer, base_wer = wer(ours), wer(base)
+        checks = [
+            f"wall {wall_ratio:.2f}x <= {TARGET_WALL_RATIO:.2f}x: {_verdict(wall_ratio <= TARGET_WALL_RATIO)}",
+            f"RSS {rss_ratio:.2f}x <= {TARGET_RSS_RATIO:.2f}x: {_verdict(rss_ratio <= TARGET_RSS_RATIO)}",
+        ]
+        if ours_wer is not None and base_wer is not None:
+            checks.append(f"WER {ours_wer:.3f} <= {base_wer:.3f}: {_verdict(ours_wer <= base_wer)}")
+        print(f"targets for ours vs {REFERENCE}: " + "; ".join(checks))
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
 def main() -> None:
+    """Parse the options, make or take the audio, run the systems and print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=3.0, help="minutes of synthesised speech (default 3)")
-    parser.add_argument("--audio", type=Path, help="use this file instead of synthesised speech")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
-    parser.add_argument("--run", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--audio", type=Path, help="use this file instead of synthesised speech (no WER then)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each system, interleaved (default 3)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     args = parser.parse_args()
-    if args.run:
-        print(json.dumps(run_system(args.run, args.audio)))
-        return
+    systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown or not systems or args.repeats < 1:
+        parser.error(f"--systems takes names from {','.join(SYSTEMS)} (got {unknown or 'none'}); --repeats >= 1")
 
-    with tempfile.TemporaryDirectory() as folder:
-        audio, reference = (args.audio, "") if args.audio else make_speech(args.minutes, Path(folder))
-        rows = []
-        for system in args.systems.split(","):
-            child = subprocess.run(
-                [sys.executable, __file__, "--run", system, "--audio", str(audio)], capture_output=True, text=True
-            )
-            if child.returncode != 0:
-                print(f"{system} failed:\n{child.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    print_table(rows, reference)
+    from assistant.audio.decode import probe
 
-
-def print_table(rows: list[dict], reference: str) -> None:
-    baseline = next((r for r in rows if r["system"] == "baseline"), None)
-    header = f"{'system':16} {'audio s':>8} {'load s':>7} {'wall s':>7} {'x realtime':>10} {'peak RSS MB':>11} "
-    header += f"{'vs baseline':>11} {'WER':>6}"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        speed = row["audio_s"] / row["wall_s"]
-        ratio = f"{baseline['wall_s'] / row['wall_s']:.2f}x" if baseline else "n/a"
-        wer = f"{word_error_rate(row['text'], reference):.3f}" if reference else "n/a"
-        print(
-            f"{row['system']:16} {row['audio_s']:8.1f} {row['load_s']:7.1f} {row['wall_s']:7.1f} {speed:10.1f} "
-            f"{row['rss_mb']:11.0f} {ratio:>11} {wer:>6}"
-        )
+    print(f"load average before: {load_average()}")
+    with tempfile.TemporaryDirectory() as temp:
+        folder = Path(temp)
+        if args.audio:
+            audio, reference = args.audio.resolve(), ""
+        else:
+            audio, reference = make_speech(args.minutes, folder)
+        audio_s = probe(audio).duration_s or 0.0
+        print(f"audio: {audio_s:.1f} s ({audio.name}); {args.repeats} interleaved runs per system; "
+              f"{os.cpu_count()} CPUs; {sys.executable}")  # fmt: skip
+        results = run_all(systems, audio, args.repeats, folder)
+    print(f"load average after: {load_average()}")
+    print()
+    print_table(results, audio_s, reference)
 
 
 if __name__ == "__main__":
