@@ -61,6 +61,18 @@ def test_audio_files_are_spoken_turns_with_metrics(questions: list[Path], tmp_pa
     assert result.stdout.count("you: ") == 2 and result.stderr.count("end of speech -> transcript") == 2
 
 
+def test_a_speaker_recorded_far_too_quietly_is_heard(questions: list[Path], tmp_path: Path) -> None:
+    """The live path normalises the level before its VAD and Whisper: a question 45 dB too quiet is a turn."""
+    quiet = tmp_path / "quiet.wav"
+    subprocess.run([require_tool("ffmpeg"), "-loglevel", "error", "-i", str(questions[0]), "-af", "volume=-45dB",
+                    str(quiet)], check=True)  # fmt: skip
+    log = tmp_path / "turns.jsonl"
+    result = chat("--audio", str(quiet), "--log", str(log))
+    assert result.returncode == 0, result.stderr
+    recorded = turns(log)
+    assert len(recorded) == 1 and "capital" in recorded[0]["transcript"].lower(), recorded
+
+
 def test_unreadable_file_fails_its_turn_only(questions: list[Path], tmp_path: Path) -> None:
     broken = tmp_path / "broken.m4a"
     broken.write_bytes(b"not audio at all")

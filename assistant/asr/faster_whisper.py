@@ -23,6 +23,7 @@ PARTIAL_MARGIN_FRAMES = 200  # and keeps 2 s of silence after the speech
 # per head) for a few per cent of speed (benchmarks/asr.py): one at a time keeps memory under the plain script's.
 AUTO_BATCH_CPU, AUTO_BATCH_CUDA = 1, 16
 WINDOW_S = 30.0  # windows up to this long are decoded in batches
+MIN_REST_S = 0.5  # a window's undecoded rest shorter than this is not decoded again
 # faster-whisper's defaults for attaching punctuation to the neighbouring word
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
@@ -119,12 +120,38 @@ class FasterWhisperTranscriber:
         for code, indexes in groups.items():
             group_encoded = encoded if len(groups) == 1 else model.encode(features[indexes])
             decoded = self._decode(group_encoded, [audios[i] for i in indexes], code, task, timestamps, words)
-            for index, transcript in zip(indexes, decoded, strict=True):
-                probability = guesses[index][1] if language is None else None
-                if transcript is None:  # failed the quality checks: sequential decoding with fallback
+            rests: dict[int, float] = {}
+            for index, outcome in zip(indexes, decoded, strict=True):
+                if outcome is None:  # failed the quality checks: sequential decoding with fallback
                     transcript = self._transcribe(audios[index], code, task, timestamps, words)
+                else:
+                    transcript, rest = outcome
+                    if rest is not None:
+                        rests[index] = rest
+                probability = guesses[index][1] if language is None else None
                 results[index] = replace(transcript, language=code, language_probability=probability)
+            for index, transcript in self._rests(audios, rests, code, task, timestamps, words).items():
+                results[index] = _joined(results[index], transcript, rests[index])
         return results
+
+    def _rests(
+        self,
+        audios: Sequence[Audio],
+        rests: dict[int, float],
+        language: str,
+        task: Task,
+        timestamps: bool,
+        words: bool,
+    ) -> dict[int, Transcript]:
+        """Decode what one pass left: Whisper ended a window's decode early (its last timestamp short of the end),
+        where sequential Whisper would seek to that timestamp and go on."""
+        if not rests:
+            return {}
+        indexes = list(rests)
+        cut = [Audio(audios[i].samples[int(rests[i] * audios[i].sample_rate) :], audios[i].sample_rate)
+               for i in indexes]  # fmt: skip
+        again = self.transcribe_many(cut, language=language, task=task, timestamps=timestamps, word_timestamps=words)
+        return dict(zip(indexes, again, strict=True))
 
     def _languages(self, encoded: object, count: int, language: str | None) -> list[tuple[str, float]]:
         if language is not None:
@@ -135,8 +162,9 @@ class FasterWhisperTranscriber:
 
     def _decode(
         self, encoded: object, audios: Sequence[Audio], language: str, task: Task, timestamps: bool, words: bool
-    ) -> list[Transcript | None]:
-        """Decode a batch in one language; None for a window whose result needs the temperature fallback."""
+    ) -> list[tuple[Transcript, float | None] | None]:
+        """Decode a batch in one language: each window's transcript, and where its undecoded rest starts (seconds;
+        None when the whole window was decoded); None for a window whose result needs the temperature fallback."""
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
 
@@ -151,22 +179,25 @@ class FasterWhisperTranscriber:
         )  # fmt: skip
         pieces: list[list[dict[str, Any]]] = []
         verdicts: list[str] = []
+        rests: list[float | None] = []
         for audio, result in zip(audios, results, strict=True):
             tokens = result.sequences_ids[0]
             text = tokenizer.decode([t for t in tokens if t < tokenizer.eot])
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
             verdicts.append(_verdict(config, get_compression_ratio(text), avg_logprob, result.no_speech_prob))
             frames = min(FULL_WINDOW_FRAMES, int(np.ceil(audio.duration_s)) * model.frames_per_second)
-            split, _seek, _single = model._split_segments_by_timestamps(
+            split, seek, _single = model._split_segments_by_timestamps(
                 tokenizer=tokenizer, tokens=tokens, time_offset=0.0, segment_size=frames,
                 segment_duration=audio.duration_s, seek=0,
             )  # fmt: skip
             pieces.append(split if verdicts[-1] == "ok" else [])
+            seek_s = seek / model.frames_per_second
+            rests.append(seek_s if verdicts[-1] == "ok" and 0 < seek_s < audio.duration_s - MIN_REST_S else None)
         if words:
             self._align(pieces, tokenizer, encoded, audios)
         return [
-            None if verdict == "fallback" else _transcript(tokenizer, split, audio, language)
-            for audio, split, verdict in zip(audios, pieces, verdicts, strict=True)
+            None if verdict == "fallback" else (_transcript(tokenizer, split, audio, language), rest)
+            for audio, split, verdict, rest in zip(audios, pieces, verdicts, rests, strict=True)
         ]
 
     def _align(self, pieces: list[list[dict[str, Any]]], tokenizer: Any, encoded: object,
@@ -255,6 +286,12 @@ def _transcript(tokenizer: Any, pieces: Sequence[dict[str, Any]], audio: Audio, 
             )
             found.append(Segment(float(piece["start"]), float(piece["end"]), text, words, language))
     return Transcript(" ".join(s.text for s in found), language, tuple(found), audio.duration_s)
+
+
+def _joined(first: Transcript, rest: Transcript, offset_s: float) -> Transcript:
+    """A window's transcript followed by that of its rest, which started ``offset_s`` into the window."""
+    segments = first.segments + tuple(segment.shifted(offset_s) for segment in rest.segments)
+    return replace(first, text=" ".join(s.text for s in segments), segments=segments)
 
 
 def _words(words: Sequence[Any]) -> tuple[Word, ...]:
