@@ -96,7 +96,9 @@ class TranscribeConfig:
         _require(self.max_line_chars >= 10, "transcribe.max_line_chars", self.max_line_chars, "an integer >= 10")
         _require(self.max_cue_s >= 1, "transcribe.max_cue_s", self.max_cue_s, "at least 1 second")
         _require(
-            self.audio_track is None or self.audio_track >= 0, "transcribe.audio_track", self.audio_track,
+            self.audio_track is None or self.audio_track >= 0,
+            "transcribe.audio_track",
+            self.audio_track,
             "an audio stream index >= 0 (0 = the first), or null to pick the one that holds the speech",
         )
         _require(len(self.formats) > 0, "transcribe.formats", self.formats, "at least one of txt, srt, vtt, json, tsv")

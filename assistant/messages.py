@@ -70,9 +70,7 @@ class Segment:
     language: str | None = None
 
     def shifted(self, offset_s: float) -> Segment:
-        words = tuple(
-            Word(w.word, w.start_s + offset_s, w.end_s + offset_s, w.probability) for w in self.words
-        )
+        words = tuple(Word(w.word, w.start_s + offset_s, w.end_s + offset_s, w.probability) for w in self.words)
         return Segment(self.start_s + offset_s, self.end_s + offset_s, self.text, words, self.language)
 
 

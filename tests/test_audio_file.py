@@ -4,8 +4,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from assistant.errors import AudioDecodeError
 from assistant.audio.decode import load_audio, probe, stream_audio
+from assistant.errors import AudioDecodeError
 from tests.conftest import ffmpeg_generate, tone, write_wav
 
 SINE = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=3"]

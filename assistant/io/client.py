@@ -149,8 +149,17 @@ async def run_client(url: str, *, api_key: str | None, audio: Sequence[str], mic
         receiving = asyncio.create_task(client.receive())  # first: a refusal arrives as an error event
         try:
             # this client prints text and sends 16 kHz audio; the Realtime API's defaults are speech and 24 kHz
-            await ws.send(json.dumps({"type": "session.update", "session": {
-                "output_modalities": ["text"], "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {
+                            "output_modalities": ["text"],
+                            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+                        },
+                    }
+                )
+            )
             if audio:
                 await client.audio_files(audio)
             elif mic:
