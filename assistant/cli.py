@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
         "--audio-track", type=int, metavar="N", help="audio stream to transcribe, 0 = first (transcribe.audio_track); "
         "default: the one that holds the speech",
     )  # fmt: skip
+    transcribe.add_argument(
+        "--audio-channel", type=int, metavar="N", help="one channel of it, 0 = first (transcribe.audio_channel); "
+        "default: the mix, or the clearest channel when they differ",
+    )  # fmt: skip
     transcribe.add_argument("--quiet", action="store_true", help="no progress bars")
     transcribe.set_defaults(handler=_transcribe)
 
@@ -150,6 +154,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "vad.enabled": "false" if args.no_vad else None,
         "asr.word_timestamps": "true" if args.word_timestamps else None,
         "transcribe.audio_track": args.audio_track,
+        "transcribe.audio_channel": args.audio_channel,
     }
     return _flag_overrides(flags, args)
 
@@ -258,6 +263,8 @@ def _transcribe(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     if not inputs:
+        if problems:
+            print(f"{len(problems)} of {len(problems)} inputs failed", file=sys.stderr)
         return EXIT_SOME_FAILED if problems else EXIT_USAGE
 
     from assistant.io.progress import Progress

@@ -8,6 +8,7 @@ their dotted path, and ``--set a.b=c`` overrides go through the same validation 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -90,11 +91,24 @@ class TranscribeConfig:
     max_line_chars: int = 42  # SRT/VTT: characters per subtitle line (CJK text: 16, the broadcast rule)
     max_cue_s: float = 7.0  # SRT/VTT: longest time one cue stays on screen, seconds
     audio_track: int | None = None  # which audio stream (0 = first); None = the one that holds the speech
+    audio_channel: int | None = None  # which channel of it (0 = first); None = the mix, or the clearest channel
 
     def __post_init__(self) -> None:
         _require(self.block_s >= 60, "transcribe.block_s", self.block_s, "at least 60 seconds")
         _require(self.max_line_chars >= 10, "transcribe.max_line_chars", self.max_line_chars, "an integer >= 10")
-        _require(self.max_cue_s >= 1, "transcribe.max_cue_s", self.max_cue_s, "at least 1 second")
+        _require(self.max_line_chars <= 1000, "transcribe.max_line_chars", self.max_line_chars, "an integer <= 1000")
+        _require(
+            math.isfinite(self.max_cue_s) and self.max_cue_s >= 1,
+            "transcribe.max_cue_s",
+            self.max_cue_s,
+            "a number of seconds, at least 1",
+        )
+        _require(
+            self.audio_channel is None or self.audio_channel >= 0,
+            "transcribe.audio_channel",
+            self.audio_channel,
+            "a channel index >= 0 (0 = the first), or null for the mix or the clearest channel",
+        )
         _require(
             self.audio_track is None or self.audio_track >= 0,
             "transcribe.audio_track",

@@ -98,15 +98,21 @@ def _sync_directory(folder: Path) -> None:
 
 
 def printable(text: str) -> str:
-    """``text`` safe for any UTF-8 console or document: each byte of a file name that is not UTF-8 becomes ``\\xNN``.
+    """``text`` safe for any UTF-8 console or document, on one line: each byte of a file name that is not UTF-8, and
+    each control character (a newline in a name), becomes ``\\xNN``.
 
     ``caf\\udce9.wav`` (the Latin-1 name ``café.wav`` as Python sees it) prints as ``caf\\xe9.wav``; valid names are
     unchanged.
     """
     try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a surrogate that stands for no byte (not from os.fsdecode)
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return shown.translate(_CONTROL_ESCAPES)
+
+
+# control characters (a newline in a file name) would break the one line a message takes: shown as \xNN
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]}
 
 
 def name_fields(path: str | os.PathLike[str], key: str) -> dict[str, Any]:

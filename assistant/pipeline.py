@@ -23,6 +23,7 @@ from assistant.messages import Audio, Segment, Timings, Transcript, Word
 
 DECODE_PIECE_S = 30.0  # seconds read from ffmpeg at a time
 SPEECH_LEVEL_DBFS = -45.0  # without a VAD, frames above this level count as speech when choosing a track
+TRUNCATED_S = 1.0  # decoded audio this much shorter than the stream's declared duration is worth a warning
 MAX_GAP_IN_WINDOW_S = 2.0  # speech spans further apart go to separate windows: no window (or cue) spans a long pause
 T = TypeVar("T")
 
@@ -46,9 +47,13 @@ class TranscriptionPipeline:
         *,
         asr: AsrConfig,
         transcribe: TranscribeConfig,
+        vad_pad_s: float = 0.0,
     ) -> None:
+        """``vad_pad_s``: the silence the VAD keeps before each stretch of speech (``vad.speech_pad_ms``); no segment
+        is placed to start inside it, before the speech the VAD heard."""
         self.transcriber = transcriber
         self._vad = vad
+        self._vad_pad_s = vad_pad_s if vad is not None else 0.0
         self._asr = asr
         self._transcribe = transcribe
         self._language = normalize_language(asr.language)
@@ -64,7 +69,7 @@ class TranscriptionPipeline:
         """Build the stages the configuration names, through the registry."""
         transcriber = registry.create("asr", asr.backend, asr)
         detector = registry.create("vad", vad.backend, vad) if vad.enabled else None
-        return cls(transcriber, detector, asr=asr, transcribe=transcribe)
+        return cls(transcriber, detector, asr=asr, transcribe=transcribe, vad_pad_s=vad.speech_pad_ms / 1000)
 
     def transcribe_file(
         self,
@@ -78,7 +83,9 @@ class TranscriptionPipeline:
         configured one for this file; ``word_timestamps`` asks for words even when ``asr.word_timestamps`` is off."""
         started = time.perf_counter()
         info = probe(path)
-        source = choose_source(info, self._speech_seconds, track=self._transcribe.audio_track)
+        source = choose_source(
+            info, self._speech_seconds, track=self._transcribe.audio_track, channel=self._transcribe.audio_channel
+        )
         clock = _StageClock()
         language = normalize_language(language) or self._language
         if language and not self.transcriber.supports_language(language):
@@ -105,7 +112,8 @@ class TranscriptionPipeline:
                     results = self._settle_languages(windows, results, spoken.last, words)
             for window, result in zip(windows, results, strict=True):
                 spoken.add(result, window.duration_s)
-                placed = _place(result.segments, window)
+                lead_s = self._vad_pad_s if window.start_s > block.start_s else 0.0  # at a block's start: clipped
+                placed = _place(result.segments, window, lead_s)
                 segments.extend(placed if keep_words else (_fit_to_words(segment) for segment in placed))
             if on_progress:
                 on_progress(block.end_s)
@@ -120,11 +128,7 @@ class TranscriptionPipeline:
             asr_s=clock.seconds["asr"],
             total_s=time.perf_counter() - started,
         )
-        warnings = ()
-        if not transcript.text and source.others:
-            warnings = (f"no speech was recognised in {source.label}; {source.others}: choose one with --audio-track N "
-                        "(transcribe.audio_track)",)  # fmt: skip
-        return FileResult(info, transcript, timings, source, warnings)
+        return FileResult(info, transcript, timings, source, _warnings(info, source, transcript))
 
     def _speech_seconds(self, audio: Audio) -> float:
         """Seconds of speech in a short excerpt (choosing a track): the VAD's, or loud frames' without a VAD."""
@@ -160,6 +164,23 @@ class TranscriptionPipeline:
         return [block.slice(span.start_s - block.start_s, span.end_s - block.start_s) for span in grouped]
 
 
+def _warnings(info: AudioInfo, source: AudioSource, transcript: Transcript) -> tuple[str, ...]:
+    """What the user should know about a result that may not be what they expected."""
+    found = []
+    declared = info.tracks[source.track].duration_s
+    start = info.tracks[source.track].start_s
+    if declared and transcript.audio_s < start + declared - max(TRUNCATED_S, 0.02 * declared):
+        found.append(f"only {transcript.audio_s - start:.1f} s of the {declared:.1f} s the file declares could be "
+                     "decoded: it may be truncated (an interrupted download or recording)")  # fmt: skip
+    if not transcript.text and source.others:
+        found.append(f"no speech was recognised in {source.label}; {source.others}: choose another with "
+                     "--audio-track N or --audio-channel N")  # fmt: skip
+    elif not transcript.text:
+        found.append("no speech was recognised: the outputs are empty (silence or noise; if there is speech, try "
+                     "--language or --no-vad)")  # fmt: skip
+    return tuple(found)
+
+
 def _guess(window: Audio, result: Transcript) -> LanguageGuess:
     """What a window's own detection says; a window with no words says nothing."""
     if not result.text or result.language is None:
@@ -191,14 +212,17 @@ def normalize_language(language: str | None) -> str | None:
     return language.strip().lower()
 
 
-def _place(segments: Sequence[Segment], window: Audio) -> Iterator[Segment]:
-    """Segments (and their words) relative to ``window`` moved onto the source's time line, clipped to the window."""
+def _place(segments: Sequence[Segment], window: Audio, lead_s: float = 0.0) -> Iterator[Segment]:
+    """Segments (and their words) relative to ``window`` moved onto the source's time line, clipped to the window;
+    none starts in the window's first ``lead_s`` seconds (the VAD's padding before the speech it heard: Whisper
+    often puts its first timestamp at 0.00 there)."""
 
     def clip(seconds: float, low: float) -> float:
         return round(min(max(seconds + window.start_s, low), window.end_s), 3)
 
+    onset = min(window.start_s + lead_s, window.end_s)
     for segment in segments:
-        start = clip(segment.start_s, window.start_s)
+        start = clip(segment.start_s, onset) if segment.end_s + window.start_s > onset else clip(segment.start_s, 0)
         words = []
         for word in segment.words:
             word_start = clip(word.start_s, start)

@@ -31,8 +31,12 @@ def test_every_shipped_config_loads(path):
         ("asr:\n  modle: x\n", r"unknown key asr\.modle; valid keys in asr: backend, model"),
         ("asrr: {}\n", "unknown key asrr"),
         ("asr:\n  batch_size: many\n", r"asr\.batch_size: expected int, got str 'many'"),
+        ("transcribe:\n  max_cue_s: .inf\n", r"transcribe\.max_cue_s: inf is not valid"),
+        ("transcribe:\n  max_cue_s: .nan\n", r"transcribe\.max_cue_s: nan is not valid"),
+        ("transcribe:\n  max_line_chars: 3\n", r"transcribe\.max_line_chars: 3 is not valid"),
+        ("transcribe:\n  audio_channel: -1\n", r"transcribe\.audio_channel: -1 is not valid"),
     ],
-    ids=["unknown-key-dotted-path", "unknown-section", "wrong-type"],
+    ids=["unknown-key-dotted-path", "unknown-section", "wrong-type", "cue-inf", "cue-nan", "line-chars", "channel"],
 )
 def test_bad_file_content_is_named(tmp_path, yaml_text, message):
     path = tmp_path / "c.yaml"

@@ -108,6 +108,10 @@ def test_printable_escapes_only_the_bytes_that_are_not_utf8():
     assert printable("lone \ud800") == "lone \\ud800"  # a surrogate no byte stands for still prints
 
 
+def test_printable_keeps_a_message_on_one_line():
+    assert printable("new\nline\r.wav") == "new\\x0aline\\x0d.wav"
+
+
 def test_progress_lines_survive_a_c_locale_pipe(tmp_path):
     """stderr may be a pipe under LANG=C: the folder message names the odd folder without crashing."""
     folder = tmp_path / os.fsdecode(b"d\xe9mo")

@@ -44,6 +44,11 @@ def kit(tmp_path_factory) -> Path:
     speech = load_audio(fox).samples
     opposite = np.stack([speech, -speech], axis=1)  # a mix of these channels is silence
     write_wav(folder / "opposite-phase.wav", opposite)
+    noise = np.random.default_rng(0).normal(0, 0.3, len(speech)).astype(np.float32)
+    write_wav(folder / "speech-left-noise-right.wav", np.stack([speech, np.clip(noise, -1, 1)], axis=1))
+    ffmpeg("-i", str(fox), "-c:a", "aac", "-movflags", "+faststart", str(folder / "whole.m4a"))
+    data = (folder / "whole.m4a").read_bytes()
+    (folder / "truncated.m4a").write_bytes(data[: len(data) // 2])  # an interrupted download
     return folder
 
 
@@ -117,3 +122,25 @@ def test_no_cue_over_a_long_pause_without_the_vad(kit):
     fox = load_audio(kit / "fox.wav").samples
     assert segments and segments[0].end_s <= len(fox) / 16000 + 0.5, segments
     assert all(not segment.words for segment in segments), "words were only used to place the segments"
+
+
+def test_the_clearest_channel_is_used_when_the_other_is_noise(kit, pipeline):
+    """A microphone on the left, loud noise on the right: the mix still sounds like speech to the VAD, but Whisper
+    cannot read it; the channel that stands clear of its noise floor is used."""
+    result = pipeline.transcribe_file(kit / "speech-left-noise-right.wav")
+    assert result.source.channel == 0 and similarity(result.transcript.text, FOX) >= 0.75
+
+
+def test_a_channel_can_be_chosen_and_a_missing_one_is_named(kit, tmp_path, capsys):
+    args = ["transcribe", str(kit / "speech-left-noise-right.wav"), "--format", "json", "--output-dir", str(tmp_path),
+            "--quiet"]  # fmt: skip
+    assert main([*args, "--audio-channel", "1"]) == 0
+    assert json.loads((tmp_path / "speech-left-noise-right.json").read_text())["audio_channel"] == 1
+    assert main([*args, "--audio-track", "0", "--audio-channel", "5"]) == 1
+    assert "there is no channel 5" in capsys.readouterr().err
+
+
+def test_a_truncated_file_says_so(kit, pipeline):
+    result = pipeline.transcribe_file(kit / "truncated.m4a")
+    assert any("truncated" in warning for warning in result.warnings), result.warnings
+    assert not pipeline.transcribe_file(kit / "whole.m4a").warnings

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from assistant.audio import tool_path
+from assistant.audio.level import frame_levels
 from assistant.errors import AudioDecodeError
 from assistant.messages import SAMPLE_RATE, Audio
 
@@ -36,8 +37,8 @@ EXCERPT_S = 20.0  # length of each excerpt listened to when choosing a track or 
 EXCERPTS = 3  # excerpts per track: the start, the middle and the end of the file
 MAX_CHANNELS_COMPARED = 8
 SAME_CHANNELS_CORRELATION = 0.98  # channels this alike are one signal: the mix is the speech
-CHANNEL_ADVANTAGE = 1.5  # a single channel is used only when it holds this many times the mix's speech
-CHANNEL_ADVANTAGE_S = 1.0  # and at least this many more seconds of it
+SPEECH_SHARE = 0.8  # candidates holding at least this share of the most speech found are compared by contrast
+MIX_PREFERENCE_DB = 3.0  # a single channel is used only when it is this much clearer than the mix
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class AudioTrack:
     start_s: float
     language: str | None = None  # the container's tag (``eng``, ``deu``), when it has one
     title: str | None = None
+    duration_s: float | None = None  # what the container declares for this stream, when it does
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ def _track(index: int, stream: dict, file_start: float) -> AudioTrack:
         start_s=round(max(0.0, (_seconds(stream.get("start_time")) or file_start) - file_start), 3),
         language=tags.get("language"),
         title=tags.get("title"),
+        duration_s=_seconds(stream.get("duration")),
     )
 
 
@@ -139,33 +142,68 @@ def _check_file(path: Path) -> None:
         raise AudioDecodeError(f"cannot read '{path}': the file is empty (0 bytes)")
 
 
-def choose_source(info: AudioInfo, speech_s: Callable[[Audio], float], *, track: int | None = None) -> AudioSource:
+@dataclass(frozen=True)
+class Heard:
+    """What listening to an excerpt found: seconds of speech (the VAD's) and how far its loud frames stand above its
+    noise floor (dB): clean speech stands far above, noise or speech drowned in a noisy mix does not."""
+
+    speech_s: float
+    contrast_db: float
+
+
+def choose_source(
+    info: AudioInfo,
+    speech_s: Callable[[Audio], float],
+    *,
+    track: int | None = None,
+    channel: int | None = None,
+) -> AudioSource:
     """The track and channel that hold the speech.
 
     Rule: with ``track`` given, that track; otherwise the track whose excerpts (the start, middle and end of the file,
     20 s each) hold the most speech by ``speech_s`` (seconds of speech in an Audio: the VAD), the first on a tie or
-    when none holds any. Within the track, the mix of its channels, unless one channel alone holds clearly more
-    speech (a microphone on the left, music on the right; or channels in opposite phase, which cancel in a mix).
-    A mono file with one track is decoded as it is, without listening first.
+    when none holds any. Within the track, with ``channel`` given, that channel; otherwise, of the mix and each
+    channel, those holding at least 80 % of the most speech found are compared by contrast (loud frames over the
+    noise floor) and the clearest is used, the mix unless a channel is clearer by 3 dB: a microphone on the left and
+    music or noise on the right gives the left channel, channels in opposite phase (which cancel in a mix) give one
+    of them, two speakers on two channels give the mix. Channels that carry the same signal are simply mixed, and a
+    mono file with one track is decoded as it is, without listening first.
     """
+    _check_choice(info, track, channel)
+    candidates = [info.tracks[track]] if track is not None else list(info.tracks)
+    if len(candidates) == 1 and (candidates[0].channels <= 1 or channel is not None):
+        return AudioSource(candidates[0].index, channel, _other_tracks(info, candidates[0].index))
+    heard = [(candidate, _listen(info, candidate, speech_s)) for candidate in candidates]
+    best, (found, differ) = max(heard, key=lambda item: (max(h.speech_s for h in item[1][0].values()),
+                                                         -item[0].index))  # fmt: skip
+    others = _other_tracks(info, best.index)
+    if differ:
+        others = "; ".join(filter(None, [others, f"the {best.channels} channels of track {best.index} differ"]))
+    if channel is not None and channel >= best.channels:
+        channel = None  # the chosen track lacks that channel (only when the track was chosen by listening)
+    return AudioSource(best.index, channel if channel is not None else _clearest(found), others)
+
+
+def _check_choice(info: AudioInfo, track: int | None, channel: int | None) -> None:
     if track is not None and not 0 <= track < len(info.tracks):
         raise AudioDecodeError(
             f"'{info.path}' has {len(info.tracks)} audio track(s) (0 to {len(info.tracks) - 1}); "
             f"there is no audio track {track}: use --audio-track / transcribe.audio_track with one of those"
         )
-    candidates = [info.tracks[track]] if track is not None else list(info.tracks)
-    if len(candidates) == 1 and candidates[0].channels <= 1:
-        return AudioSource(candidates[0].index, None, _other_tracks(info, candidates[0].index))
-    heard = [(candidate, _listen(info, candidate, speech_s)) for candidate in candidates]
-    best, (scores, differ) = max(heard, key=lambda item: (max(item[1][0].values()), -item[0].index))
-    mix = scores[None]
-    channel, seconds = max(((c, s) for c, s in scores.items() if c is not None), key=lambda cs: cs[1],
-                           default=(None, mix))  # fmt: skip
-    use_channel = channel is not None and seconds >= mix * CHANNEL_ADVANTAGE and seconds - mix >= CHANNEL_ADVANTAGE_S
-    others = _other_tracks(info, best.index)
-    if differ:
-        others = "; ".join(filter(None, [others, f"the {best.channels} channels of track {best.index} differ"]))
-    return AudioSource(best.index, channel if use_channel else None, others)
+    if channel is not None and track is not None and channel >= max(1, info.tracks[track].channels):
+        raise AudioDecodeError(
+            f"audio track {track} of '{info.path}' has {info.tracks[track].channels} channel(s); there is no "
+            f"channel {channel}: use --audio-channel / transcribe.audio_channel from 0 to "
+            f"{info.tracks[track].channels - 1}, or leave it out to pick the clearest"
+        )
+
+
+def _clearest(found: dict[int | None, Heard]) -> int | None:
+    most = max(h.speech_s for h in found.values())
+    if most <= 0:
+        return None
+    eligible = {key: h for key, h in found.items() if h.speech_s >= SPEECH_SHARE * most}
+    return max(eligible, key=lambda key: eligible[key].contrast_db + (MIX_PREFERENCE_DB if key is None else 0.0))
 
 
 def _other_tracks(info: AudioInfo, chosen: int) -> str:
@@ -174,20 +212,24 @@ def _other_tracks(info: AudioInfo, chosen: int) -> str:
 
 def _listen(
     info: AudioInfo, track: AudioTrack, speech_s: Callable[[Audio], float]
-) -> tuple[dict[int | None, float], bool]:
-    """Seconds of speech in the excerpts of one track: its mix (key None) and each channel; and whether its
-    channels differ."""
+) -> tuple[dict[int | None, Heard], bool]:
+    """What the excerpts of one track hold: its mix (key None) and each channel; and whether its channels differ."""
     frames = _excerpts(info, track)
     if frames.size == 0:
-        return {None: 0.0}, False
-    mix = frames.mean(axis=1)
-    scores: dict[int | None, float] = {None: speech_s(Audio(mix))}
+        return {None: Heard(0.0, 0.0)}, False
+    found: dict[int | None, Heard] = {None: _hear(frames.mean(axis=1), speech_s)}
     channels = frames[:, :MAX_CHANNELS_COMPARED]
     if channels.shape[1] < 2 or _alike(channels):
-        return scores, False
+        return found, False
     for channel in range(channels.shape[1]):
-        scores[channel] = speech_s(Audio(np.ascontiguousarray(channels[:, channel])))
-    return scores, True
+        found[channel] = _hear(np.ascontiguousarray(channels[:, channel]), speech_s)
+    return found, True
+
+
+def _hear(samples: np.ndarray, speech_s: Callable[[Audio], float]) -> Heard:
+    levels = frame_levels(samples)
+    contrast = float(np.percentile(levels, 95) - np.percentile(levels, 10)) if levels.size else 0.0
+    return Heard(speech_s(Audio(samples)), contrast)
 
 
 def _alike(channels: np.ndarray) -> bool:

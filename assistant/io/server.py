@@ -322,7 +322,8 @@ def create_app(services: Services) -> FastAPI:
         if response_format not in RESPONSE_FORMATS:
             raise ConfigError(f"response_format {response_format!r}: choose one of {', '.join(RESPONSE_FORMATS)}")
         language = str(form.get("language") or "") or None
-        granularities = timestamp_granularities(form.getlist("timestamp_granularities[]"), response_format)
+        given = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")  # SDK; curl -F
+        granularities = timestamp_granularities(given, response_format)
         with tempfile.TemporaryDirectory(prefix="assistant-upload-") as folder:
             path = Path(folder) / "upload"  # our own name: nothing the client sends becomes a path
             size = 0
