@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -153,3 +154,11 @@ def test_default_transcription_never_imports_torch(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "hello" in done.stdout.lower()
     assert "HEAVY []" in done.stdout, done.stdout
+
+
+def test_onnx_runtime_telemetry_is_off(tmp_path):
+    """Official onnxruntime builds report usage (1DS) and keep an offline cache in $TMPDIR unless told not to."""
+    code = "import assistant.asr.vad as v; from assistant.config import VadConfig; v.SileroVad(VadConfig())"
+    environment = {k: value for k, value in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    subprocess.run([sys.executable, "-c", code], check=True, env={**environment, "TMPDIR": str(tmp_path)})
+    assert list(tmp_path.iterdir()) == [], "onnxruntime left its telemetry files behind"
