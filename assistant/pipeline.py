@@ -91,30 +91,11 @@ class TranscriptionPipeline:
         if language and not self.transcriber.supports_language(language):
             raise ConfigError(f"language: {language_error(language, self._asr.model)}")
         keep_words = word_timestamps or self._asr.word_timestamps
-        # without a VAD a Whisper segment may run on over a long silence: its words say where the speech ends
-        words = keep_words or self._vad is None
         segments: list[Segment] = []
         spoken = SpokenLanguages()
         pieces = clock.timed_iter("decode", stream_audio(path, source=source, piece_s=DECODE_PIECE_S))
         for block in blocks_at_quiet_points(pieces, self._transcribe.block_s):
-            block, _gain_db = normalize(block)
-            windows = self._windows(block, clock)
-            results: list[Transcript] = []
-            for batch in _batched(windows, self.transcriber.batch_size):
-                with clock.stage("asr"):
-                    results += self.transcriber.transcribe_many(
-                        batch, language=language, task=self._asr.task, word_timestamps=words
-                    )
-                if on_progress:
-                    on_progress(batch[-1].end_s)
-            if language is None:
-                with clock.stage("asr"):
-                    results = self._settle_languages(windows, results, spoken.last, words)
-            for window, result in zip(windows, results, strict=True):
-                spoken.add(result, window.duration_s)
-                lead_s = self._vad_pad_s if window.start_s > block.start_s else 0.0  # at a block's start: clipped
-                placed = _place(result.segments, window, lead_s)
-                segments.extend(placed if keep_words else (_fit_to_words(segment) for segment in placed))
+            segments += self._transcribe_block(block, language, keep_words, spoken, clock, on_progress)
             if on_progress:
                 on_progress(block.end_s)
         audio_s = clock.decoded_s
@@ -129,6 +110,39 @@ class TranscriptionPipeline:
             total_s=time.perf_counter() - started,
         )
         return FileResult(info, transcript, timings, source, _warnings(info, source, transcript))
+
+    def _transcribe_block(
+        self,
+        block: Audio,
+        language: str | None,
+        keep_words: bool,
+        spoken: SpokenLanguages,
+        clock: _StageClock,
+        on_progress: Callable[[float], None] | None,
+    ) -> list[Segment]:
+        """One block: level, VAD windows, recognition in batches, languages settled, segments on the file's clock."""
+        block, _gain_db = normalize(block)
+        windows = self._windows(block, clock)
+        # without a VAD a Whisper segment may run on over a long silence: its words say where the speech ends
+        words = keep_words or self._vad is None
+        results: list[Transcript] = []
+        for batch in _batched(windows, self.transcriber.batch_size):
+            with clock.stage("asr"):
+                results += self.transcriber.transcribe_many(
+                    batch, language=language, task=self._asr.task, word_timestamps=words
+                )
+            if on_progress:
+                on_progress(batch[-1].end_s)
+        if language is None:
+            with clock.stage("asr"):
+                results = self._settle_languages(windows, results, spoken.last, words)
+        segments: list[Segment] = []
+        for window, result in zip(windows, results, strict=True):
+            spoken.add(result, window.duration_s)
+            lead_s = self._vad_pad_s if window.start_s > block.start_s else 0.0  # at a block's start: clipped
+            placed = _place(result.segments, window, lead_s)
+            segments.extend(placed if keep_words else (_fit_to_words(segment) for segment in placed))
+        return segments
 
     def _speech_seconds(self, audio: Audio) -> float:
         """Seconds of speech in a short excerpt (choosing a track): the VAD's, or loud frames' without a VAD."""
