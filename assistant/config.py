@@ -278,6 +278,7 @@ class ServerConfig:
     max_requests: int = 32  # HTTP requests in progress at once; more is a "busy" error
     max_upload_mb: float = 50.0  # HTTP body / uploaded file
     max_turn_audio_s: float = 60.0  # audio in one WebSocket turn
+    max_upload_audio_s: float = 10800.0  # audio in one uploaded file (3 hours): a small file can hold many hours
     max_message_kb: int = 1024  # one WebSocket message
     request_timeout_s: float = 60.0  # to send a whole HTTP request (headers and body); slower clients are cut off
     idle_timeout_s: float = 300.0  # a WebSocket session with no message and no reply for this long is closed
@@ -289,7 +290,7 @@ class ServerConfig:
         _require(0 < self.port < 65536, "server.port", self.port, "a TCP port number")
         for name in ("max_sessions", "max_sessions_per_key", "max_pending", "max_requests"):
             _require(getattr(self, name) >= 1, f"server.{name}", getattr(self, name), "an integer >= 1")
-        for name in ("max_upload_mb", "max_turn_audio_s", "request_timeout_s", "idle_timeout_s"):
+        for name in ("max_upload_mb", "max_turn_audio_s", "max_upload_audio_s", "request_timeout_s", "idle_timeout_s"):
             _require(getattr(self, name) > 0, f"server.{name}", getattr(self, name), "a positive number")
         _require(self.max_message_kb >= 1, "server.max_message_kb", self.max_message_kb, "an integer >= 1")
         _require(all(key.strip() for key in self.api_keys), "server.api_keys", self.api_keys, "non-empty keys")

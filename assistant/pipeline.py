@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -18,7 +18,7 @@ from assistant.audio import blocks_at_quiet_points, group_spans
 from assistant.audio.decode import AudioInfo, AudioSource, choose_source, probe, stream_audio
 from assistant.audio.level import frame_levels, normalize
 from assistant.config import AsrConfig, Config, TranscribeConfig, VadConfig
-from assistant.errors import ConfigError
+from assistant.errors import ConfigError, LimitError
 from assistant.messages import Audio, Segment, Timings, Transcript, Word
 
 DECODE_PIECE_S = 30.0  # seconds read from ffmpeg at a time
@@ -26,6 +26,32 @@ SPEECH_LEVEL_DBFS = -45.0  # without a VAD, frames above this level count as spe
 TRUNCATED_S = 1.0  # decoded audio this much shorter than the stream's declared duration is worth a warning
 MAX_GAP_IN_WINDOW_S = 2.0  # speech spans further apart go to separate windows: no window (or cue) spans a long pause
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AudioLimit:
+    """At most ``seconds`` of audio in one file; ``setting`` names the option the user can change."""
+
+    seconds: float
+    setting: str
+
+    def check_declared(self, info: AudioInfo) -> None:
+        declared = max((t.start_s + (t.duration_s or 0.0) for t in info.tracks), default=0.0)
+        declared = max(declared, info.duration_s or 0.0)
+        if declared > self.seconds:
+            raise LimitError(self._message(f"holds {declared / 60:.0f} min of audio"))
+
+    def enforced(self, pieces: Generator[Audio, None, None]) -> Iterator[Audio]:
+        try:
+            for piece in pieces:
+                if piece.end_s > self.seconds:
+                    raise LimitError(self._message(f"holds over {self.seconds / 60:g} min of audio (found decoding)"))
+                yield piece
+        finally:
+            pieces.close()  # stops ffmpeg now, not when the error is forgotten
+
+    def _message(self, found: str) -> str:
+        return f"the file {found}, over {self.setting} ({self.seconds:g} s); send a shorter file or raise the limit"
 
 
 @dataclass(frozen=True)
@@ -78,11 +104,16 @@ class TranscriptionPipeline:
         on_progress: Callable[[float], None] | None = None,
         language: str | None = None,
         word_timestamps: bool = False,
+        limit: AudioLimit | None = None,
     ) -> FileResult:
         """Transcribe one file; ``on_progress`` gets the seconds of audio done so far; ``language`` overrides the
-        configured one for this file; ``word_timestamps`` asks for words even when ``asr.word_timestamps`` is off."""
+        configured one for this file; ``word_timestamps`` asks for words even when ``asr.word_timestamps`` is off;
+        ``limit`` refuses a file holding more audio (LimitError): from its declared duration before any work, and
+        while decoding for files that declare none or lie about it."""
         started = time.perf_counter()
         info = probe(path)
+        if limit is not None:
+            limit.check_declared(info)
         source = choose_source(
             info, self._speech_seconds, track=self._transcribe.audio_track, channel=self._transcribe.audio_channel
         )
@@ -94,6 +125,8 @@ class TranscriptionPipeline:
         segments: list[Segment] = []
         spoken = SpokenLanguages()
         pieces = clock.timed_iter("decode", stream_audio(path, source=source, piece_s=DECODE_PIECE_S))
+        if limit is not None:
+            pieces = limit.enforced(pieces)
         for block in blocks_at_quiet_points(pieces, self._transcribe.block_s):
             segments += self._transcribe_block(block, language, keep_words, spoken, clock, on_progress)
             if on_progress:
@@ -268,7 +301,7 @@ class _StageClock:
     def stage(self, name: str) -> _Timer:
         return _Timer(self.seconds, name)
 
-    def timed_iter(self, name: str, pieces: Iterator[Audio]) -> Iterator[Audio]:
+    def timed_iter(self, name: str, pieces: Iterator[Audio]) -> Generator[Audio, None, None]:
         while True:
             with self.stage(name):
                 piece = next(pieces, None)

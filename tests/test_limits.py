@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_offline_models, speak
+from tests.conftest import require_offline_models, require_tool, speak
 from tests.test_server import events_until, start_server, ws_url
 
 pytestmark = [pytest.mark.real_model, pytest.mark.reliability]
@@ -36,7 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--set", f"server.api_keys=[{ALPHA}, {BETA}]", "--set", "server.max_sessions_per_key=2",
         "--set", "server.max_requests=2", "--set", f"server.request_timeout_s={DEADLINE_S}",
         "--set", f"server.idle_timeout_s={DEADLINE_S}", "--set", "server.max_upload_mb=0.05",
-        "--set", "server.max_turn_audio_s=2",
+        "--set", "server.max_turn_audio_s=2", "--set", "server.max_upload_audio_s=60",
     )  # fmt: skip
     yield base
     process.terminate()
@@ -115,6 +116,21 @@ def test_upload_over_the_size_limit_is_refused(server: str, tmp_path: Path) -> N
     with pytest.raises(openai.APIStatusError) as refused, big.open("rb") as f:
         api.audio.transcriptions.create(model="whisper-1", file=f)
     assert refused.value.status_code == 413 and "server.max_upload_mb" in str(refused.value.body)
+    assert health(server) == 200
+
+
+def test_upload_holding_too_much_audio_is_refused_before_decoding(server: str, tmp_path: Path) -> None:
+    """A few kilobytes can hold hours (silence compresses to nothing): the declared duration is checked first."""
+    packed = tmp_path / "packed.flac"
+    subprocess.run([require_tool("ffmpeg"), "-loglevel", "error", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono",
+                    "-t", "150", "-c:a", "flac", str(packed)], check=True)  # fmt: skip
+    assert packed.stat().st_size < 0.05 * 1024 * 1024
+    api = openai.OpenAI(base_url=f"{server}/v1", api_key=ALPHA, max_retries=0, timeout=60)
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as refused, packed.open("rb") as f:
+        api.audio.transcriptions.create(model="whisper-1", file=f)
+    assert refused.value.status_code == 413 and "server.max_upload_audio_s" in str(refused.value.body)
+    assert time.monotonic() - started < 10, "refused at once, not after decoding it"
     assert health(server) == 200
 
 

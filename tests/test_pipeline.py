@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,34 @@ def test_word_times_are_placed_on_the_file_and_clipped(tmp_path):
     result = _pipeline(fake, EnergyVad(), word_timestamps=True).transcribe_file(path)
     (word,) = result.transcript.segments[0].words
     assert (word.start_s, word.end_s) == pytest.approx((3.1, 3.4), abs=0.11)
+
+
+def test_a_file_over_the_audio_limit_is_refused_before_any_work(tmp_path):
+    from assistant.errors import LimitError
+    from assistant.pipeline import AudioLimit
+
+    path = write_wav(tmp_path / "long.wav", tone(12))
+    fake = FakeTranscriber()
+    with pytest.raises(LimitError, match=r"holds 0 min.*over server\.max_upload_audio_s \(10 s\)"):
+        _pipeline(fake, EnergyVad()).transcribe_file(path, limit=AudioLimit(10, "server.max_upload_audio_s"))
+    assert fake.calls == []
+
+
+def test_a_file_that_declares_no_duration_is_stopped_while_decoding(tmp_path, monkeypatch):
+    """A stream without a declared length (or one that lies about it) is cut off once it decodes past the limit."""
+    import assistant.pipeline as pipeline_module
+    from assistant.audio.decode import AudioInfo
+    from assistant.errors import LimitError
+    from assistant.pipeline import AudioLimit
+
+    path = write_wav(tmp_path / "long.wav", tone(70))
+    real_probe = pipeline_module.probe
+
+    def lying_probe(target):
+        info = real_probe(target)
+        tracks = tuple(dataclasses.replace(track, duration_s=None) for track in info.tracks)
+        return AudioInfo(info.path, None, tracks)
+
+    monkeypatch.setattr(pipeline_module, "probe", lying_probe)
+    with pytest.raises(LimitError, match="found decoding"):
+        _pipeline(FakeTranscriber(), EnergyVad()).transcribe_file(path, limit=AudioLimit(40, "x"))

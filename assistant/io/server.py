@@ -36,7 +36,7 @@ from assistant.conversation import Conversation
 from assistant.errors import AssistantError, AudioDecodeError, AuthError, BusyError, ConfigError, LimitError
 from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ROLES, Message, Transcript
-from assistant.pipeline import TranscriptionPipeline
+from assistant.pipeline import AudioLimit, TranscriptionPipeline
 from assistant.session import Services as SessionServices
 from assistant.tts.base import Speech, check_speed
 from assistant.tts.encode import FORMATS, encode
@@ -324,6 +324,7 @@ def create_app(services: Services) -> FastAPI:
         language = str(form.get("language") or "") or None
         given = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")  # SDK; curl -F
         granularities = timestamp_granularities(given, response_format)
+        audio_limit = AudioLimit(config.server.max_upload_audio_s, "server.max_upload_audio_s")
         with tempfile.TemporaryDirectory(prefix="assistant-upload-") as folder:
             path = Path(folder) / "upload"  # our own name: nothing the client sends becomes a path
             size = 0
@@ -336,7 +337,7 @@ def create_app(services: Services) -> FastAPI:
             try:
                 result = await services.worker.run(
                     lambda: services.transcription.transcribe_file(
-                        path, language=language, word_timestamps="word" in granularities
+                        path, language=language, word_timestamps="word" in granularities, limit=audio_limit
                     )
                 )
             except AudioDecodeError as exc:  # name the client's file, not our temporary path
