@@ -28,6 +28,25 @@ MAX_GAP_IN_WINDOW_S = 2.0  # speech spans further apart go to separate windows: 
 T = TypeVar("T")
 
 
+RunModel = Callable[[Callable[[], list[Transcript]]], list[Transcript]]
+
+
+def _run_here(call: Callable[[], list[Transcript]]) -> list[Transcript]:
+    return call()
+
+
+@dataclass
+class _FileJob:
+    """What one file's transcription carries from block to block."""
+
+    language: str | None
+    keep_words: bool
+    clock: _StageClock
+    on_progress: Callable[[float], None] | None
+    run_model: RunModel
+    spoken: SpokenLanguages = field(default_factory=lambda: SpokenLanguages())
+
+
 @dataclass(frozen=True)
 class AudioLimit:
     """At most ``seconds`` of audio in one file; ``setting`` names the option the user can change."""
@@ -105,11 +124,14 @@ class TranscriptionPipeline:
         language: str | None = None,
         word_timestamps: bool = False,
         limit: AudioLimit | None = None,
+        run_model: RunModel | None = None,
     ) -> FileResult:
         """Transcribe one file; ``on_progress`` gets the seconds of audio done so far; ``language`` overrides the
         configured one for this file; ``word_timestamps`` asks for words even when ``asr.word_timestamps`` is off;
         ``limit`` refuses a file holding more audio (LimitError): from its declared duration before any work, and
-        while decoding for files that declare none or lie about it."""
+        while decoding for files that declare none or lie about it. ``run_model(call)`` runs each recogniser call
+        (one batch of windows) and returns its result: the server passes its model worker's bulk queue, so that
+        interactive requests go between the units of a long file; by default the calls run here."""
         started = time.perf_counter()
         info = probe(path)
         if limit is not None:
@@ -121,18 +143,18 @@ class TranscriptionPipeline:
         language = normalize_language(language) or self._language
         if language and not self.transcriber.supports_language(language):
             raise ConfigError(f"language: {language_error(language, self._asr.model)}")
-        keep_words = word_timestamps or self._asr.word_timestamps
+        job = _FileJob(language, word_timestamps or self._asr.word_timestamps, clock, on_progress,
+                       run_model or _run_here)  # fmt: skip
         segments: list[Segment] = []
-        spoken = SpokenLanguages()
         pieces = clock.timed_iter("decode", stream_audio(path, source=source, piece_s=DECODE_PIECE_S))
         if limit is not None:
             pieces = limit.enforced(pieces)
         for block in blocks_at_quiet_points(pieces, self._transcribe.block_s):
-            segments += self._transcribe_block(block, language, keep_words, spoken, clock, on_progress)
+            segments += self._transcribe_block(block, job)
             if on_progress:
                 on_progress(block.end_s)
         audio_s = clock.decoded_s
-        main_language = language or spoken.main
+        main_language = language or job.spoken.main
         transcript = Transcript(" ".join(s.text for s in segments).strip(), main_language, tuple(segments), audio_s)
         if self._asr.task == "transcribe":
             transcript = apply_zh_script(transcript, self._asr.zh_script)
@@ -144,38 +166,34 @@ class TranscriptionPipeline:
         )
         return FileResult(info, transcript, timings, source, _warnings(info, source, transcript))
 
-    def _transcribe_block(
-        self,
-        block: Audio,
-        language: str | None,
-        keep_words: bool,
-        spoken: SpokenLanguages,
-        clock: _StageClock,
-        on_progress: Callable[[float], None] | None,
-    ) -> list[Segment]:
+    def _transcribe_block(self, block: Audio, job: _FileJob) -> list[Segment]:
         """One block: level, VAD windows, recognition in batches, languages settled, segments on the file's clock."""
         block, _gain_db = normalize(block)
-        windows = self._windows(block, clock)
-        # without a VAD a Whisper segment may run on over a long silence: its words say where the speech ends
-        words = keep_words or self._vad is None
+        windows = self._windows(block, job.clock)
         results: list[Transcript] = []
         for batch in _batched(windows, self.transcriber.batch_size):
-            with clock.stage("asr"):
-                results += self.transcriber.transcribe_many(
-                    batch, language=language, task=self._asr.task, word_timestamps=words
-                )
-            if on_progress:
-                on_progress(batch[-1].end_s)
-        if language is None:
-            with clock.stage("asr"):
-                results = self._settle_languages(windows, results, spoken.last, words)
+            results += self._recognise(job, batch, job.language)
+            if job.on_progress:
+                job.on_progress(batch[-1].end_s)
+        if job.language is None:
+            results = self._settle_languages(windows, results, job)
         segments: list[Segment] = []
         for window, result in zip(windows, results, strict=True):
-            spoken.add(result, window.duration_s)
+            job.spoken.add(result, window.duration_s)
             lead_s = self._vad_pad_s if window.start_s > block.start_s else 0.0  # at a block's start: clipped
             placed = _place(result.segments, window, lead_s)
-            segments.extend(placed if keep_words else (_fit_to_words(segment) for segment in placed))
+            segments.extend(placed if job.keep_words else (_fit_to_words(segment) for segment in placed))
         return segments
+
+    def _recognise(self, job: _FileJob, windows: Sequence[Audio], language: str | None) -> list[Transcript]:
+        # without a VAD a Whisper segment may run on over a long silence: its words say where the speech ends
+        words = job.keep_words or self._vad is None
+        with job.clock.stage("asr"):
+            return job.run_model(
+                lambda: self.transcriber.transcribe_many(
+                    windows, language=language, task=self._asr.task, word_timestamps=words
+                )
+            )
 
     def _speech_seconds(self, audio: Audio) -> float:
         """Seconds of speech in a short excerpt (choosing a track): the VAD's, or loud frames' without a VAD."""
@@ -184,19 +202,16 @@ class TranscriptionPipeline:
             return sum(span.duration_s for span in self._vad.speech_spans(audio))
         return float(np.count_nonzero(frame_levels(audio.samples) > SPEECH_LEVEL_DBFS)) * 0.03
 
-    def _settle_languages(
-        self, windows: Sequence[Audio], results: list[Transcript], before: str | None, words: bool
-    ) -> list[Transcript]:
+    def _settle_languages(self, windows: Sequence[Audio], results: list[Transcript], job: _FileJob) -> list[Transcript]:
         """Windows whose own detection was unsure are redone in the language their neighbours settle on."""
-        settled = settle_languages([_guess(w, r) for w, r in zip(windows, results, strict=True)], before=before)
+        guesses = [_guess(w, r) for w, r in zip(windows, results, strict=True)]
+        settled = settle_languages(guesses, before=job.spoken.last)
         redo: dict[str, list[int]] = {}
         for index, (result, code) in enumerate(zip(results, settled, strict=True)):
             if code is not None and result.text and code != result.language:
                 redo.setdefault(code, []).append(index)
         for code, indexes in redo.items():
-            again = self.transcriber.transcribe_many(
-                [windows[i] for i in indexes], language=code, task=self._asr.task, word_timestamps=words
-            )
+            again = self._recognise(job, [windows[i] for i in indexes], code)
             for index, result in zip(indexes, again, strict=True):
                 results[index] = result
         return results

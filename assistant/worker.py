@@ -1,16 +1,19 @@
-"""One worker thread for all model work, with a bounded queue.
+"""One worker thread for all model work, with bounded queues.
 
 Models are loaded once and are not thread-safe (a KV cache, a CUDA stream), so every transcription and every reply
-runs on this one thread, in arrival order. Jobs submitted with ``batch`` and the same key that wait in the queue
-together are run as one call (several sessions' utterances transcribed in one batch where the backend batches).
-The queue is bounded: when ``max_pending`` jobs wait, a new one is refused
-with a ``busy`` error at once instead of queueing without end. Async code (the server) awaits results and streams
-through ``asyncio`` bridges; a cancelled stream stops within a token and frees the worker.
+runs on this one thread, in arrival order, interactive work first: a job submitted as ``bulk`` (a long upload's
+transcription, a unit of a few windows at a time) runs only when no interactive job (a voice turn, a chat
+completion) waits, so an interactive request waits at most for the one bulk unit already running. Jobs submitted
+with ``batch`` and the same key that wait in the queue together are run as one call (several sessions' utterances
+transcribed in one batch where the backend batches). The queues are bounded: when ``max_pending`` jobs wait, a new
+one is refused with a ``busy`` error at once instead of queueing without end. Async code (the server) awaits
+results and streams through ``asyncio`` bridges; a cancelled stream stops within a token and frees the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
@@ -39,6 +42,8 @@ class ModelWorker:
         self._jobs: queue.Queue[tuple[Callable[[], Any] | _Batchable, Future[Any]] | None] = queue.Queue(
             maxsize=max_pending
         )
+        self._bulk: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue(maxsize=max_pending)
+        self._ready = threading.Semaphore(0)  # one release per job put in either queue (or close)
         self._held: list[tuple[Callable[[], Any] | _Batchable, Future[Any]]] = []  # taken while gathering a batch
         self._busy = threading.Event()  # set while a job runs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -48,17 +53,23 @@ class ModelWorker:
         """Run ``run_many([item, ...])`` for this item, together with up to ``limit`` queued items of ``key``."""
         return await asyncio.wrap_future(self._enqueue(_Batchable(key, item, run_many, limit)))
 
-    def submit(self, job: Callable[[], T]) -> Future[T]:
-        return self._enqueue(job)
+    def submit(self, job: Callable[[], T], *, bulk: bool = False) -> Future[T]:
+        """Queue ``job``; ``bulk`` jobs run only when no interactive job waits."""
+        return self._enqueue(job, bulk=bulk)
 
-    def _enqueue(self, job: Callable[[], Any] | _Batchable) -> Future[Any]:
+    def _enqueue(self, job: Callable[[], Any] | _Batchable, *, bulk: bool = False) -> Future[Any]:
         future: Future[Any] = Future()
         try:
-            self._jobs.put_nowait((job, future))
+            if bulk:
+                assert not isinstance(job, _Batchable), "batched jobs are interactive"
+                self._bulk.put_nowait((job, future))
+            else:
+                self._jobs.put_nowait((job, future))
         except queue.Full:
             raise BusyError(
                 f"the server is busy ({self._jobs.maxsize} requests are waiting for the model); try again shortly"
             ) from None
+        self._ready.release()
         return future
 
     async def run(self, job: Callable[[], T]) -> T:
@@ -90,10 +101,11 @@ class ModelWorker:
     @property
     def idle(self) -> bool:
         """No job running and none waiting: work that must never delay others (partial transcripts) may start."""
-        return not self._busy.is_set() and self._jobs.empty() and not self._held
+        return not self._busy.is_set() and self._jobs.empty() and self._bulk.empty() and not self._held
 
     def close(self) -> None:
         self._jobs.put(None)
+        self._ready.release()
 
     def _run(self) -> None:
         while (entry := self._next()) is not None:
@@ -116,7 +128,14 @@ class ModelWorker:
             future.set_exception(exc)
 
     def _next(self) -> tuple[Callable[[], Any] | _Batchable, Future[Any]] | None:
-        return self._held.pop(0) if self._held else self._jobs.get()
+        """The next job: one held back while gathering a batch, else an interactive one, else a bulk one."""
+        if self._held:
+            return self._held.pop(0)
+        while True:
+            self._ready.acquire()  # a permit per queued job; a spare one (see _run_batch) just loops
+            for jobs in (self._jobs, self._bulk):
+                with contextlib.suppress(queue.Empty):
+                    return jobs.get_nowait()  # type: ignore[return-value]
 
     def _run_batch(self, first: _Batchable, future: Future[Any]) -> None:
         """Gather the queued jobs of the same key (others keep their order) and run them as one call."""
@@ -126,6 +145,7 @@ class ModelWorker:
                 entry = self._jobs.get_nowait()
             except queue.Empty:
                 break
+            self._ready.acquire(blocking=False)  # its permit (if not released yet, _next absorbs it later)
             if entry is not None and isinstance(entry[0], _Batchable) and entry[0].key == first.key:
                 members.append((entry[0], entry[1]))  # type: ignore[arg-type]
             else:

@@ -137,3 +137,43 @@ def transcribe_repeatedly(base: str, wav: Path, deadline: float) -> int:
         assert "spider" in text.lower()
         done += 1
     return done
+
+
+def test_a_chat_request_is_not_stuck_behind_a_long_transcription(tmp_path: Path) -> None:
+    """Interactive first: a 20-minute upload is transcribed a unit (a batch of windows) at a time on the worker's
+    bulk queue, so a chat completion sent meanwhile is answered within 2x its idle time (issue: a chat request sent
+    a few seconds after a long upload had no answer after 200 s)."""
+    import concurrent.futures
+
+    sentences = [speak(text, tmp_path / f"s{i}.wav") for i, text in enumerate(
+        ["The quarterly report is ready for review.", "Please send your comments before Friday afternoon.",
+         "We will meet again next week to discuss the budget."])]  # fmt: skip
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"file '{sentences[i % 3]}'\n" for i in range(400)))
+    long_file = tmp_path / "meeting.opus"  # about 20 minutes of continuous speech
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "concat", "-safe", "0", "-i", str(listing), "-t", "1200",
+                    "-c:a", "libopus", "-b:a", "16k", str(long_file)], check=True)  # fmt: skip
+    process, base = start_server()
+    try:
+        api = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=600)
+
+        def chat_seconds() -> float:
+            started = time.monotonic()
+            api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hello."}],
+                                        max_tokens=16, temperature=0)  # fmt: skip
+            return time.monotonic() - started
+
+        idle = min(chat_seconds() for _ in range(3))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, long_file.open("rb") as audio:
+            upload = pool.submit(api.audio.transcriptions.create, model="whisper-1", file=audio)
+            time.sleep(8)  # the transcription is under way
+            assert not upload.done()
+            busy = chat_seconds()
+            assert not upload.done(), "the chat request came while the file was still being transcribed"
+            transcript = upload.result(timeout=900)
+        print(f"chat idle {idle:.2f} s, during a 20 min transcription {busy:.2f} s")
+        assert busy <= 2 * idle + 0.5, (idle, busy)
+        assert "budget" in transcript.text.lower()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

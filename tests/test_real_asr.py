@@ -164,11 +164,13 @@ def test_a_window_whisper_ends_early_is_decoded_to_its_end(tmp_path, faster):
     (``...before Friday.<|22.84|><|22.84|>`` then end of text). Sequential Whisper seeks there and goes on; the
     batched decode must too, or the last sentence is lost (found by benchmarks/asr.py)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("asr_benchmark", Path(__file__).parents[1] / "benchmarks" / "asr.py")
     assert spec is not None and spec.loader is not None
     benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # its dataclasses look their module up there
     spec.loader.exec_module(benchmark)
     path, script = benchmark.make_speech(0.5, tmp_path)
     heard = faster.transcribe_file(path).transcript.text

@@ -85,3 +85,27 @@ def test_stream_bridges_items_and_cancels_when_left_early() -> None:
     assert cancel.is_set()
     assert asyncio.run(worker.run(lambda: "free")) == "free"  # the worker is not stuck on the abandoned stream
     assert len(produced) < 1000
+
+
+def test_interactive_jobs_go_before_bulk_ones():
+    """A long upload's units queue as bulk: a chat request or voice turn that arrives runs after the unit in progress,
+    before the upload's next unit."""
+    worker = ModelWorker(max_pending=8)
+    order: list[str] = []
+    gate, running = threading.Event(), threading.Event()
+    first = worker.submit(lambda: (running.set(), gate.wait(5), order.append("bulk 1")), bulk=True)
+    assert running.wait(5)
+    bulk = [worker.submit(lambda n=n: order.append(f"bulk {n}"), bulk=True) for n in (2, 3)]
+    interactive = worker.submit(lambda: order.append("chat"))
+    gate.set()
+    for future in (first, *bulk, interactive):
+        future.result(timeout=5)
+    assert order == ["bulk 1", "chat", "bulk 2", "bulk 3"]
+    worker.close()
+
+
+def test_bulk_and_batched_jobs_share_the_worker_without_losing_any():
+    worker = ModelWorker(max_pending=64)
+    results = [worker.submit(lambda n=n: n, bulk=n % 2 == 0) for n in range(40)]
+    assert [future.result(timeout=5) for future in results] == list(range(40))
+    worker.close()

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from assistant.conversation import Conversation
 from assistant.errors import AssistantError, AudioDecodeError, AuthError, BusyError, ConfigError, LimitError
 from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ROLES, Message, Transcript
-from assistant.pipeline import AudioLimit, TranscriptionPipeline
+from assistant.pipeline import AudioLimit, FileResult, TranscriptionPipeline
 from assistant.session import Services as SessionServices
 from assistant.tts.base import Speech, check_speed
 from assistant.tts.encode import FORMATS, encode
@@ -98,6 +98,17 @@ class Services:
     requests: int = 0
     open_conversations: set[Path] = dataclasses.field(default_factory=set)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    # uploads are transcribed one at a time (decoding and the VAD run beside the worker; their memory is a block's)
+    bulk: asyncio.Semaphore = dataclasses.field(default_factory=lambda: asyncio.Semaphore(1))
+
+    def transcribe_upload(self, path: Path, **options: Any) -> FileResult:
+        """Transcribe an upload off the event loop, each unit (a batch of windows) on the worker's bulk queue:
+        voice turns and chat completions go between the units."""
+
+        def run_model(call: Callable[[], list[Transcript]]) -> list[Transcript]:
+            return self.worker.submit(call, bulk=True).result()
+
+        return self.transcription.transcribe_file(path, run_model=run_model, **options)
 
     @classmethod
     def load(cls, config: Config) -> Services:
@@ -335,11 +346,11 @@ def create_app(services: Services) -> FastAPI:
                         raise LimitError(f"the file is over server.max_upload_mb ({config.server.max_upload_mb} MB)")
                     out.write(block)
             try:
-                result = await services.worker.run(
-                    lambda: services.transcription.transcribe_file(
-                        path, language=language, word_timestamps="word" in granularities, limit=audio_limit
-                    )
-                )
+                async with services.bulk:
+                    result = await asyncio.to_thread(
+                        services.transcribe_upload,
+                        path, language=language, word_timestamps="word" in granularities, limit=audio_limit,
+                    )  # fmt: skip
             except AudioDecodeError as exc:  # name the client's file, not our temporary path
                 raise AudioDecodeError(exc.message.replace(str(path), upload.filename or "the upload")) from None
         transcript = result.transcript
