@@ -76,11 +76,13 @@ class VadConfig:
     min_speech_ms: int = 250  # shorter bursts are noise
     min_silence_ms: int = 500  # a pause at least this long ends a speech region
     speech_pad_ms: int = 200  # kept on both sides of each region so word edges are not clipped
+    max_speech_s: float = 30.0  # a longer region is cut at its last short pause (a recogniser window is 30 s)
 
     def __post_init__(self) -> None:
         if self.backend not in registry.VAD_BACKENDS:
             raise ConfigError(f"vad.backend: unknown backend {self.backend!r}; choose one of {registry.names('vad')}")
         _require(0 < self.threshold < 1, "vad.threshold", self.threshold, "a number between 0 and 1")
+        _require(self.max_speech_s >= 5, "vad.max_speech_s", self.max_speech_s, "at least 5 seconds")
 
 
 @dataclass(frozen=True)

@@ -144,15 +144,16 @@ def test_a_chat_request_is_not_stuck_behind_a_long_transcription(tmp_path: Path)
     bulk queue, so a chat completion sent meanwhile is answered within 2x its idle time (issue: a chat request sent
     a few seconds after a long upload had no answer after 200 s)."""
     import concurrent.futures
+    import importlib.util
+    import sys
 
-    sentences = [speak(text, tmp_path / f"s{i}.wav") for i, text in enumerate(
-        ["The quarterly report is ready for review.", "Please send your comments before Friday afternoon.",
-         "We will meet again next week to discuss the budget."])]  # fmt: skip
-    listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"file '{sentences[i % 3]}'\n" for i in range(400)))
-    long_file = tmp_path / "meeting.opus"  # about 20 minutes of continuous speech
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "concat", "-safe", "0", "-i", str(listing), "-t", "1200",
-                    "-c:a", "libopus", "-b:a", "16k", str(long_file)], check=True)  # fmt: skip
+    # the benchmark's meeting speech: 12 sentences with short pauses, repeated to 20 minutes
+    spec = importlib.util.spec_from_file_location("asr_benchmark", Path(__file__).parents[1] / "benchmarks" / "asr.py")
+    assert spec is not None and spec.loader is not None
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark
+    spec.loader.exec_module(benchmark)
+    long_file, _script = benchmark.make_speech(20, tmp_path)
     process, base = start_server()
     try:
         api = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=600)

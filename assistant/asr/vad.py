@@ -95,6 +95,7 @@ class SileroVad:
             min_speech_duration_ms=self._config.min_speech_ms,
             min_silence_duration_ms=self._config.min_silence_ms,
             speech_pad_ms=self._config.speech_pad_ms,
+            max_speech_duration_s=self._config.max_speech_s,  # cut at the last pause over 98 ms before it
         )
         samples = np.asarray(audio.samples, dtype=np.float32)
         stamps = get_speech_timestamps(samples, options, sampling_rate=SAMPLE_RATE_HZ)
