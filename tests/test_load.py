@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -159,21 +160,25 @@ def test_a_chat_request_is_not_stuck_behind_a_long_transcription(tmp_path: Path)
         api = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=600)
 
         def chat_seconds() -> float:
+            """A chat request of 64 tokens (a short answer: about a second on this CPU)."""
             started = time.monotonic()
-            api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hello."}],
-                                        max_tokens=16, temperature=0)  # fmt: skip
+            api.chat.completions.create(model="m", max_tokens=64, temperature=0, messages=[
+                {"role": "user", "content": "Write a long story about a dragon."}])  # fmt: skip
             return time.monotonic() - started
 
-        idle = min(chat_seconds() for _ in range(3))
+        idle = statistics.median(chat_seconds() for _ in range(3))
         with concurrent.futures.ThreadPoolExecutor(1) as pool, long_file.open("rb") as audio:
             upload = pool.submit(api.audio.transcriptions.create, model="whisper-1", file=audio)
             time.sleep(8)  # the transcription is under way
-            assert not upload.done()
-            busy = chat_seconds()
-            assert not upload.done(), "the chat request came while the file was still being transcribed"
+            busy = []
+            for _ in range(3):
+                assert not upload.done(), "the chat requests come while the file is still being transcribed"
+                busy.append(chat_seconds())
+                time.sleep(2)
             transcript = upload.result(timeout=900)
-        print(f"chat idle {idle:.2f} s, during a 20 min transcription {busy:.2f} s")
-        assert busy <= 2 * idle + 0.5, (idle, busy)
+        print(f"chat idle {idle:.2f} s (median of 3), during a 20 min transcription {busy} s")
+        # each request waits at most for the unit in progress (one 30 s window: about 0.5 s here)
+        assert statistics.median(busy) <= 2 * idle, (idle, busy)
         assert "budget" in transcript.text.lower()
     finally:
         process.terminate()
