@@ -138,6 +138,8 @@ def test_a_channel_can_be_chosen_and_a_missing_one_is_named(kit, tmp_path, capsy
     assert json.loads((tmp_path / "speech-left-noise-right.json").read_text())["audio_channel"] == 1
     assert main([*args, "--audio-track", "0", "--audio-channel", "5"]) == 1
     assert "there is no channel 5" in capsys.readouterr().err
+    assert main(["transcribe", str(kit / "fox.wav"), "--audio-channel", "1", "--quiet"]) == 1
+    assert "has 1 channel(s); there is no channel 1" in capsys.readouterr().err
 
 
 def test_a_truncated_file_says_so(kit, pipeline):

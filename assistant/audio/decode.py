@@ -169,9 +169,10 @@ def choose_source(
     of them, two speakers on two channels give the mix. Channels that carry the same signal are simply mixed, and a
     mono file with one track is decoded as it is, without listening first.
     """
-    _check_choice(info, track, channel)
+    _check_track(info, track)
     candidates = [info.tracks[track]] if track is not None else list(info.tracks)
     if len(candidates) == 1 and (candidates[0].channels <= 1 or channel is not None):
+        _check_channel(info, candidates[0], channel)
         return AudioSource(candidates[0].index, channel, _other_tracks(info, candidates[0].index))
     heard = [(candidate, _listen(info, candidate, speech_s)) for candidate in candidates]
     best, (found, differ) = max(heard, key=lambda item: (max(h.speech_s for h in item[1][0].values()),
@@ -179,22 +180,24 @@ def choose_source(
     others = _other_tracks(info, best.index)
     if differ:
         others = "; ".join(filter(None, [others, f"the {best.channels} channels of track {best.index} differ"]))
-    if channel is not None and channel >= best.channels:
-        channel = None  # the chosen track lacks that channel (only when the track was chosen by listening)
+    _check_channel(info, best, channel)
     return AudioSource(best.index, channel if channel is not None else _clearest(found), others)
 
 
-def _check_choice(info: AudioInfo, track: int | None, channel: int | None) -> None:
+def _check_track(info: AudioInfo, track: int | None) -> None:
     if track is not None and not 0 <= track < len(info.tracks):
         raise AudioDecodeError(
             f"'{info.path}' has {len(info.tracks)} audio track(s) (0 to {len(info.tracks) - 1}); "
             f"there is no audio track {track}: use --audio-track / transcribe.audio_track with one of those"
         )
-    if channel is not None and track is not None and channel >= max(1, info.tracks[track].channels):
+
+
+def _check_channel(info: AudioInfo, track: AudioTrack, channel: int | None) -> None:
+    if channel is not None and channel >= max(1, track.channels):
         raise AudioDecodeError(
-            f"audio track {track} of '{info.path}' has {info.tracks[track].channels} channel(s); there is no "
-            f"channel {channel}: use --audio-channel / transcribe.audio_channel from 0 to "
-            f"{info.tracks[track].channels - 1}, or leave it out to pick the clearest"
+            f"audio track {track.index} of '{info.path}' has {track.channels} channel(s); there is no channel "
+            f"{channel}: use --audio-channel / transcribe.audio_channel from 0 to {max(1, track.channels) - 1}, or "
+            "leave it out to pick the clearest"
         )
 
 
