@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -37,6 +38,14 @@ class _Batchable:
     limit: int
 
 
+class _Job(Future):  # type: ignore[type-arg]
+    """A job's future, which knows when it was queued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued_at = time.monotonic()
+
+
 class ModelWorker:
     def __init__(self, max_pending: int, *, name: str = "model-worker") -> None:
         self._jobs: queue.Queue[tuple[Callable[[], Any] | _Batchable, Future[Any]] | None] = queue.Queue(
@@ -44,6 +53,7 @@ class ModelWorker:
         )
         self._bulk: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue(maxsize=max_pending)
         self._ready = threading.Semaphore(0)  # one release per job put in either queue (or close)
+        self.on_wait: Callable[[float], None] | None = None  # told how long each job waited (metrics)
         self._held: list[tuple[Callable[[], Any] | _Batchable, Future[Any]]] = []  # taken while gathering a batch
         self._busy = threading.Event()  # set while a job runs
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -58,7 +68,7 @@ class ModelWorker:
         return self._enqueue(job, bulk=bulk)
 
     def _enqueue(self, job: Callable[[], Any] | _Batchable, *, bulk: bool = False) -> Future[Any]:
-        future: Future[Any] = Future()
+        future: Future[Any] = _Job()
         try:
             if bulk:
                 assert not isinstance(job, _Batchable), "batched jobs are interactive"
@@ -99,6 +109,11 @@ class ModelWorker:
             cancel.set()  # a client that went away stops the generation; the worker is free again
 
     @property
+    def pending(self) -> int:
+        """Jobs waiting (not the one running)."""
+        return self._jobs.qsize() + self._bulk.qsize() + len(self._held)
+
+    @property
     def idle(self) -> bool:
         """No job running and none waiting: work that must never delay others (partial transcripts) may start."""
         return not self._busy.is_set() and self._jobs.empty() and self._bulk.empty() and not self._held
@@ -117,6 +132,8 @@ class ModelWorker:
                 self._busy.clear()
 
     def _run_one(self, job: Callable[[], Any] | _Batchable, future: Future[Any]) -> None:
+        if self.on_wait is not None and isinstance(future, _Job):
+            self.on_wait(time.monotonic() - future.queued_at)
         if isinstance(job, _Batchable):
             self._run_batch(job, future)
             return

@@ -194,3 +194,12 @@ def test_one_key_cannot_open_another_keys_conversation(server: str) -> None:
             assert json.loads(await owner.recv())["session"]["history_messages"] == 3  # its own, resumed
 
     asyncio.run(attack())
+
+
+def test_metrics_need_the_api_key_when_one_is_set(server: str) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{server}/metrics", timeout=10)
+    assert refused.value.code == 401
+    request = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {ALPHA}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert b"assistant_errors_total" in response.read()

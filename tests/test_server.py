@@ -332,3 +332,38 @@ def test_api_key_is_required_when_set(question: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_metrics_in_prometheus_format(server: str, question: Path) -> None:
+    """``GET /metrics`` read by Prometheus' own parser: counters move with the requests answered."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"{server}/metrics", timeout=30) as response:
+            assert response.headers["Content-Type"].startswith("text/plain")
+            text = response.read().decode()
+        return {f"{sample.name}{sorted(sample.labels.items())}": sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}  # fmt: skip
+
+    before = scrape()
+    api = client(server)
+    api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    with question.open("rb") as audio:
+        api.audio.transcriptions.create(model="whisper-1", file=audio)
+    with pytest.raises(openai.BadRequestError):
+        api.chat.completions.create(model="m", messages=[{"role": "robot", "content": "x"}])
+    after = scrape()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew("assistant_chat_completions_total[('stream', 'false')]") == 1
+    assert grew("assistant_transcriptions_total[]") == 1
+    assert grew("assistant_audio_seconds_total[('source', 'upload')]") > 1
+    assert grew("assistant_tokens_total[('kind', 'completion')]") >= 1
+    assert grew("assistant_errors_total[('code', 'config')]") == 1
+    assert grew("assistant_time_to_first_token_seconds_count[]") == 1
+    assert grew("assistant_queue_wait_seconds_count[]") >= 2
+    assert "assistant_open_sessions[]" in after and "assistant_queue_depth[]" in after

@@ -551,6 +551,8 @@ class RealtimeSession:
                               "delta": base64.b64encode(data[start : start + step]).decode()})  # fmt: skip
 
     async def _reply_done(self, event: ReplyDone) -> None:
+        if event.status != "failed":
+            self._services.metrics.realtime_response(event.metrics, event.stats)
         modalities, _, _, _ = self._responses.pop(event.response_id, (("text",), 0.0, 0.0, 0.0))
         where = self._where(event)
         spoken = "audio" in modalities

@@ -34,6 +34,7 @@ from assistant.chat import ChatSession
 from assistant.config import Config, SamplingConfig, build
 from assistant.conversation import Conversation
 from assistant.errors import AssistantError, AudioDecodeError, AuthError, BusyError, ConfigError, LimitError
+from assistant.io.metrics import ServerMetrics
 from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ROLES, Message, Transcript
 from assistant.pipeline import AudioLimit, FileResult, TranscriptionPipeline
@@ -100,6 +101,11 @@ class Services:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # uploads are transcribed one at a time (decoding and the VAD run beside the worker; their memory is a block's)
     bulk: asyncio.Semaphore = dataclasses.field(default_factory=lambda: asyncio.Semaphore(1))
+    metrics: ServerMetrics = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(open_sessions=lambda: self.sessions, queue_depth=lambda: self.worker.pending)
+        self.worker.on_wait = self.metrics.queue_wait.observe
 
     def transcribe_upload(self, path: Path, **options: Any) -> FileResult:
         """Transcribe an upload off the event loop, each unit (a batch of windows) on the worker's bulk queue:
@@ -275,6 +281,7 @@ def create_app(services: Services) -> FastAPI:
 
     @app.exception_handler(AssistantError)
     async def assistant_error(request: Request, exc: AssistantError) -> JSONResponse:
+        services.metrics.errors.labels(code=exc.code).inc()
         return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, 500))
 
     @app.exception_handler(ClientDisconnect)
@@ -286,12 +293,13 @@ def create_app(services: Services) -> FastAPI:
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         """A failure we did not foresee still answers in our error shape; the server goes on."""
         failure = AssistantError(f"the request failed: {type(exc).__name__}: {str(exc)[:300]}")
+        services.metrics.errors.labels(code="internal").inc()
         return JSONResponse(error_body(failure), status_code=500)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
         try:
-            if request.url.path.startswith("/v1/"):
+            if request.url.path.startswith("/v1/") or request.url.path == "/metrics":
                 _check_key(services, request.headers.get("authorization"))
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > limit_bytes:
@@ -304,12 +312,19 @@ def create_app(services: Services) -> FastAPI:
                     )
                 services.requests += 1
         except AssistantError as exc:
+            services.metrics.errors.labels(code=exc.code).inc()
             return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, 400))
         try:
             return await call_next(request)
         finally:
             with services.lock:
                 services.requests -= 1
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus' text format: counters, latency histograms, open sessions and queue depth."""
+        body, media_type = services.metrics.exposition()
+        return Response(body, media_type=media_type)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -354,6 +369,7 @@ def create_app(services: Services) -> FastAPI:
             except AudioDecodeError as exc:  # name the client's file, not our temporary path
                 raise AudioDecodeError(exc.message.replace(str(path), upload.filename or "the upload")) from None
         transcript = result.transcript
+        services.metrics.transcription(transcript.audio_s)
         if response_format == "text":
             return PlainTextResponse(transcript.text + "\n")
         if response_format in ("srt", "vtt"):
@@ -384,6 +400,7 @@ def create_app(services: Services) -> FastAPI:
 
             try:
                 text, stats = await services.worker.run(whole)
+                services.metrics.completion(stats, stream=False)
             except Exception as exc:
                 raise generation_failed(exc) from exc
             return {
@@ -416,6 +433,8 @@ def create_app(services: Services) -> FastAPI:
                 yield f"data: {json.dumps(error_body(generation_failed(exc)))}\n\n"
                 return
             stats = holder.get("stats")
+            if stats is not None:
+                services.metrics.completion(stats, stream=True)
             yield chunk({}, "length" if stats is not None and stats.finish_reason == "length" else "stop")
             if include_usage and stats is not None:
                 usage = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
