@@ -16,7 +16,7 @@ from assistant.asr.language import LanguageGuess, settle_languages
 from assistant.asr.text import apply_zh_script
 from assistant.audio import blocks_at_quiet_points, group_spans
 from assistant.audio.decode import AudioInfo, AudioSource, choose_source, probe, stream_audio
-from assistant.audio.level import frame_levels, normalize
+from assistant.audio.level import FRAME_S, frame_levels, normalize
 from assistant.config import AsrConfig, Config, TranscribeConfig, VadConfig
 from assistant.errors import ConfigError, LimitError
 from assistant.messages import Audio, Segment, Timings, Transcript, Word
@@ -200,7 +200,7 @@ class TranscriptionPipeline:
         audio, _gain = normalize(audio)
         if self._vad is not None:
             return sum(span.duration_s for span in self._vad.speech_spans(audio))
-        return float(np.count_nonzero(frame_levels(audio.samples) > SPEECH_LEVEL_DBFS)) * 0.03
+        return float(np.count_nonzero(frame_levels(audio.samples) > SPEECH_LEVEL_DBFS)) * FRAME_S
 
     def _settle_languages(self, windows: Sequence[Audio], results: list[Transcript], job: _FileJob) -> list[Transcript]:
         """Windows whose own detection was unsure are redone in the language their neighbours settle on."""
@@ -284,7 +284,8 @@ def _place(segments: Sequence[Segment], window: Audio, lead_s: float = 0.0) -> I
 
     onset = min(window.start_s + lead_s, window.end_s)
     for segment in segments:
-        start = clip(segment.start_s, onset) if segment.end_s + window.start_s > onset else clip(segment.start_s, 0)
+        ends_after_onset = segment.end_s + window.start_s > onset
+        start = clip(segment.start_s, onset if ends_after_onset else window.start_s)
         words = []
         for word in segment.words:
             word_start = clip(word.start_s, start)

@@ -132,17 +132,21 @@ class ModelWorker:
                 self._busy.clear()
 
     def _run_one(self, job: Callable[[], Any] | _Batchable, future: Future[Any]) -> None:
-        if self.on_wait is not None and isinstance(future, _Job):
-            self.on_wait(time.monotonic() - future.queued_at)
         if isinstance(job, _Batchable):
             self._run_batch(job, future)
             return
         if not future.set_running_or_notify_cancel():
             return
+        self._waited(future)
         try:
             future.set_result(job())
         except BaseException as exc:
             future.set_exception(exc)
+
+    def _waited(self, future: Future[Any]) -> None:
+        """Tell ``on_wait`` how long a job that starts now waited (every future here is a ``_Job``)."""
+        if self.on_wait is not None:
+            self.on_wait(time.monotonic() - future.queued_at)  # type: ignore[attr-defined]
 
     def _next(self) -> tuple[Callable[[], Any] | _Batchable, Future[Any]] | None:
         """The next job: one held back while gathering a batch, else an interactive one, else a bulk one."""
@@ -168,6 +172,8 @@ class ModelWorker:
             else:
                 self._held.append(entry)  # type: ignore[arg-type]
         live = [(job, f) for job, f in members if f.set_running_or_notify_cancel()]
+        for _, started in live:
+            self._waited(started)
         if not live:
             return
         try:

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from assistant.io.client import TEXT_SESSION_16K
+
 QUESTIONS = ["What is the capital of France?", "How many days are there in a week?", "What do bees make?"]
 FRAME_BYTES = 3200  # 100 ms of PCM16 at 16 kHz
 SILENCE_S = 1.2
@@ -41,17 +43,7 @@ async def session(url: str, questions: list[bytes], turns: int, latencies: list[
     done = 0
     async with websockets.connect(url, max_size=None) as ws:
         await ws.recv()
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "session.update",
-                    "session": {
-                        "output_modalities": ["text"],
-                        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
-                    },
-                }
-            )
-        )
+        await ws.send(json.dumps(TEXT_SESSION_16K))
         for turn in range(turns):
             pcm = questions[turn % len(questions)] + b"\0" * int(SILENCE_S * 32000)
             speech_end = 0.0

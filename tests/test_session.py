@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from assistant.asr.base import Transcriber
 from assistant.chat import ChatSession
 from assistant.config import VadConfig
 from assistant.conversation import Conversation
@@ -267,19 +268,26 @@ def test_a_failing_reply_takes_its_user_message_back_out() -> None:
     assert session.chat.conversation.turns == [] and session.items == [] and session.failures == 1
 
 
-def test_partial_transcripts_grow_without_taking_words_back_and_the_last_one_is_final() -> None:
-    transcriber = WordsTranscriber()
+def spoken_at_pace(transcriber: Transcriber, speech_s: float) -> list[SessionEvent]:
+    """A tone of ``speech_s`` between short silences, pushed in 100 ms pieces at about speaking pace (the worker has
+    time for partials), with partials every 0.5 s; the session's events."""
 
     async def scenario() -> list[SessionEvent]:
         session, events = make(ScriptedModel("ok"), transcriber=transcriber, partial_interval_s=0.5)
-        samples = np.concatenate([silence(0.3), tone(3.2), silence(0.8)])
-        for start in range(0, len(samples), 1600):  # at speaking pace: the worker has time for partials
+        samples = np.concatenate([silence(0.3), tone(speech_s), silence(0.8)])
+        for start in range(0, len(samples), 1600):
             await session.push_audio(samples[start : start + 1600])
             await asyncio.sleep(0.02)
         await session.drain()
         return events
 
-    events = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_partial_transcripts_grow_without_taking_words_back_and_the_last_one_is_final() -> None:
+    transcriber = WordsTranscriber()
+
+    events = spoken_at_pace(transcriber, 3.2)
     partials = [e for e in events if isinstance(e, TranscriptPartial)]
     assert len(partials) >= 4
     said = "".join(p.delta for p in partials)
@@ -480,16 +488,7 @@ class QuickWordsTranscriber(WordsTranscriber):
 def test_partials_use_the_quick_pass_and_the_final_never_does() -> None:
     transcriber = QuickWordsTranscriber()
 
-    async def scenario() -> list[SessionEvent]:
-        session, events = make(ScriptedModel("ok"), transcriber=transcriber, partial_interval_s=0.5)
-        samples = np.concatenate([silence(0.3), tone(2.6), silence(0.8)])
-        for start in range(0, len(samples), 1600):
-            await session.push_audio(samples[start : start + 1600])
-            await asyncio.sleep(0.02)
-        await session.drain()
-        return events
-
-    events = asyncio.run(scenario())
+    events = spoken_at_pace(transcriber, 2.6)
     partials = [e for e in events if isinstance(e, TranscriptPartial)]
     assert len(partials) >= 3 and len(transcriber.quick) >= len(partials)
     assert len(transcriber.calls) - len(transcriber.quick) == 1  # one full pass: the final (or its settled pause)

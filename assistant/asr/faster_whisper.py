@@ -87,6 +87,8 @@ class FasterWhisperTranscriber:
         """Windows of at most 30 s are decoded together in one batch (see ``_batched``); longer ones, and windows whose
         batched result fails Whisper's quality checks, go through faster-whisper's sequential decoding with its
         temperature fallback. With ``language=None`` each window detects its own language."""
+        if language and not self.supports_language(language):
+            raise AsrError(language_error(language, self._config.model))
         results: list[Transcript | None] = [None] * len(audios)
         short = [i for i, audio in enumerate(audios) if audio.duration_s <= WINDOW_S]
         for first in range(0, len(short), self.batch_size):
@@ -237,8 +239,6 @@ class FasterWhisperTranscriber:
         self, audio: Audio, language: str | None, task: Task, timestamps: bool, words: bool = False
     ) -> Transcript:
         config = self._config
-        if language and not self.supports_language(language):
-            raise AsrError(language_error(language, config.model))
         segments, info = self._model.transcribe(
             audio.samples,
             language=language,

@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 
 from assistant.config import VadConfig
+from assistant.endpointing import FRAME_SAMPLES  # 32 ms at 16 kHz: one probability per frame
 from assistant.errors import VadError
-from assistant.messages import Audio, Span
+from assistant.messages import SAMPLE_RATE, Audio, Span  # 16 kHz: the only rate the v6 ONNX model takes
 
-SAMPLE_RATE_HZ = 16000  # the only rate the v6 ONNX model takes (no 8 kHz variant is shipped)
-FRAME_SAMPLES = 512  # 32 ms at 16 kHz: one probability per frame
 CONTEXT_SAMPLES = 64  # the v6 model sees the previous frame's last 64 samples before each frame
 STATE_SHAPE = (1, 1, 128)  # LSTM h and c, float32
 INSTALL_HINT = "install them with 'pip install faster-whisper onnxruntime' (or pip install -e '.[asr]')"
@@ -39,7 +38,7 @@ def _load_session() -> Any:
 
 
 def _check_rate(sample_rate: int) -> None:
-    if sample_rate != SAMPLE_RATE_HZ:
+    if sample_rate != SAMPLE_RATE:
         raise VadError(
             f"silero VAD (the v6 ONNX model) needs 16 kHz audio, got {sample_rate} Hz; 8 kHz is not supported: "
             "resample to 16 kHz first (files and microphones are resampled by the decoder)"
@@ -98,10 +97,8 @@ class SileroVad:
             max_speech_duration_s=self._config.max_speech_s,  # cut at the last pause over 98 ms before it
         )
         samples = np.asarray(audio.samples, dtype=np.float32)
-        stamps = get_speech_timestamps(samples, options, sampling_rate=SAMPLE_RATE_HZ)
-        return [
-            Span(audio.start_s + s["start"] / SAMPLE_RATE_HZ, audio.start_s + s["end"] / SAMPLE_RATE_HZ) for s in stamps
-        ]
+        stamps = get_speech_timestamps(samples, options, sampling_rate=SAMPLE_RATE)
+        return [Span(audio.start_s + s["start"] / SAMPLE_RATE, audio.start_s + s["end"] / SAMPLE_RATE) for s in stamps]
 
     def frame_probability(self) -> SileroStream:
         """A streaming scorer for 512-sample frames at 16 kHz with its own state (one per live stream); every

@@ -51,8 +51,6 @@ class AudioTrack:
     source_rate: int
     channels: int
     start_s: float
-    language: str | None = None  # the container's tag (``eng``, ``deu``), when it has one
-    title: str | None = None
     duration_s: float | None = None  # what the container declares for this stream, when it does
 
 
@@ -61,10 +59,6 @@ class AudioInfo:
     path: Path
     duration_s: float | None  # None when the container does not say
     tracks: tuple[AudioTrack, ...]
-
-    @property
-    def codec(self) -> str:
-        return self.tracks[0].codec
 
 
 @dataclass(frozen=True)
@@ -113,15 +107,12 @@ def probe(path: str | Path) -> AudioInfo:
 
 
 def _track(index: int, stream: dict, file_start: float) -> AudioTrack:
-    tags = {str(k).lower(): str(v) for k, v in (stream.get("tags") or {}).items()}
     return AudioTrack(
         index=index,
         codec=str(stream.get("codec_name", "unknown")),
         source_rate=int(stream.get("sample_rate", 0) or 0),
         channels=int(stream.get("channels", 0) or 0),
         start_s=round(max(0.0, (_seconds(stream.get("start_time")) or file_start) - file_start), 3),
-        language=tags.get("language"),
-        title=tags.get("title"),
         duration_s=_seconds(stream.get("duration")),
     )
 

@@ -23,6 +23,13 @@ CHUNK_BYTES = 3200  # 100 ms of PCM16 at 16 kHz
 IDLE_S = 3.0  # after the input ends: leave once every turn is answered and the server has been quiet this long
 
 
+# a client that prints text and sends 16 kHz audio (the Realtime API's defaults are speech and 24 kHz)
+TEXT_SESSION_16K = {
+    "type": "session.update",
+    "session": {"output_modalities": ["text"], "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+}
+
+
 class RealtimeClient:
     def __init__(self, ws: Any) -> None:
         self._ws = ws
@@ -148,18 +155,7 @@ async def run_client(url: str, *, api_key: str | None, audio: Sequence[str], mic
         client = RealtimeClient(ws)
         receiving = asyncio.create_task(client.receive())  # first: a refusal arrives as an error event
         try:
-            # this client prints text and sends 16 kHz audio; the Realtime API's defaults are speech and 24 kHz
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "session.update",
-                        "session": {
-                            "output_modalities": ["text"],
-                            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
-                        },
-                    }
-                )
-            )
+            await ws.send(json.dumps(TEXT_SESSION_16K))
             if audio:
                 await client.audio_files(audio)
             elif mic:
