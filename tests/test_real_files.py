@@ -136,6 +136,7 @@ def test_a_channel_can_be_chosen_and_a_missing_one_is_named(kit, tmp_path, capsy
             "--quiet"]  # fmt: skip
     assert main([*args, "--audio-channel", "1"]) == 0
     assert json.loads((tmp_path / "speech-left-noise-right.json").read_text())["audio_channel"] == 1
+    assert "track 0 has 2 channels: choose another" in capsys.readouterr().err, "the noise channel held nothing"
     assert main([*args, "--audio-track", "0", "--audio-channel", "5"]) == 1
     assert "there is no channel 5" in capsys.readouterr().err
     assert main(["transcribe", str(kit / "fox.wav"), "--audio-channel", "1", "--quiet"]) == 1

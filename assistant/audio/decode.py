@@ -163,8 +163,12 @@ def choose_source(
     _check_track(info, track)
     candidates = [info.tracks[track]] if track is not None else list(info.tracks)
     if len(candidates) == 1 and (candidates[0].channels <= 1 or channel is not None):
-        _check_channel(info, candidates[0], channel)
-        return AudioSource(candidates[0].index, channel, _other_tracks(info, candidates[0].index))
+        only = candidates[0]
+        _check_channel(info, only, channel)
+        others = _other_tracks(info, only.index)
+        if channel is not None:  # chosen by hand: the others are named without listening to them
+            others = "; ".join(filter(None, [others, f"track {only.index} has {only.channels} channels"]))
+        return AudioSource(only.index, channel, others)
     heard = [(candidate, _listen(info, candidate, speech_s)) for candidate in candidates]
     best, (found, differ) = max(heard, key=lambda item: (max(h.speech_s for h in item[1][0].values()),
                                                          -item[0].index))  # fmt: skip

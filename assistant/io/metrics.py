@@ -47,6 +47,10 @@ class ServerMetrics:
         )
         self.queue_wait = Histogram("assistant_queue_wait_seconds", "Time a model job waited for the worker",
                                     buckets=LATENCY_BUCKETS_S, registry=registry)  # fmt: skip
+        for labelled, values in ((self.chat_completions, ("true", "false")), (self.audio_seconds, ("upload", "voice")),
+                                 (self.tokens, ("prompt", "completion"))):  # fmt: skip
+            for value in values:
+                labelled.labels(value)  # a series exists (at 0) before its first event: dashboards see 0, not no data
         Gauge("assistant_open_sessions", "Open WebSocket sessions", registry=registry).set_function(open_sessions)
         Gauge("assistant_queue_depth", "Model jobs waiting for the worker", registry=registry).set_function(queue_depth)
 
