@@ -97,3 +97,20 @@ class LimitError(AssistantError):
     """A request over one of the server's limits (size, audio seconds, sessions)."""
 
     code = "limit"
+
+
+class RateLimitError(AssistantError):
+    """A client over its ``server.rate_limit_*`` allowance; ``retry_after_s`` says when enough will have freed up.
+    The code is OpenAI's own, which clients (the openai SDK) retry after ``Retry-After``."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ShutdownError(AssistantError):
+    """The server is stopping (SIGTERM / SIGINT): work in flight is cancelled and new work refused."""
+
+    code = "shutting-down"

@@ -55,8 +55,7 @@ class AudioLimit:
     setting: str
 
     def check_declared(self, info: AudioInfo) -> None:
-        declared = max((t.start_s + (t.duration_s or 0.0) for t in info.tracks), default=0.0)
-        declared = max(declared, info.duration_s or 0.0)
+        declared = info.declared_s
         if declared > self.seconds:
             raise LimitError(self._message(f"holds {declared / 60:.0f} min of audio"))
 

@@ -396,6 +396,10 @@ class VoiceSession:
             await self._turn_loop
         self._turn_loop = None
 
+    async def settle(self) -> None:
+        """Wait for the reply in progress (if any) to end and be reported (``ReplyDone``)."""
+        await self._after_response()
+
     async def close(self) -> None:
         """Stop everything in progress; the session is finished."""
         self._cancelled_at = self._clock()

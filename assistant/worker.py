@@ -56,6 +56,7 @@ class ModelWorker:
         self.on_wait: Callable[[float], None] | None = None  # told how long each job waited (metrics)
         self._held: list[tuple[Callable[[], Any] | _Batchable, Future[Any]]] = []  # taken while gathering a batch
         self._busy = threading.Event()  # set while a job runs
+        self._stopped: Exception | None = None  # set by stop(): every job from then on fails with it
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -68,6 +69,8 @@ class ModelWorker:
         return self._enqueue(job, bulk=bulk)
 
     def _enqueue(self, job: Callable[[], Any] | _Batchable, *, bulk: bool = False) -> Future[Any]:
+        if self._stopped is not None:
+            raise self._stopped
         future: Future[Any] = _Job()
         try:
             if bulk:
@@ -99,7 +102,12 @@ class ModelWorker:
             finally:
                 loop.call_soon_threadsafe(items.put_nowait, _DONE)
 
-        self.submit(produce)
+        def not_run(future: Future[Any]) -> None:  # refused by stop() before produce() ran
+            if not future.cancelled() and future.exception() is not None:
+                loop.call_soon_threadsafe(items.put_nowait, future.exception())
+                loop.call_soon_threadsafe(items.put_nowait, _DONE)
+
+        self.submit(produce).add_done_callback(not_run)
         try:
             while (item := await items.get()) is not _DONE:
                 if isinstance(item, BaseException):
@@ -118,6 +126,24 @@ class ModelWorker:
         """No job running and none waiting: work that must never delay others (partial transcripts) may start."""
         return not self._busy.is_set() and self._jobs.empty() and self._bulk.empty() and not self._held
 
+    def stop(self, error: Exception) -> None:
+        """Refuse new jobs with ``error`` and fail the queued ones with it (the server is stopping). The job running
+        finishes: a generation stops at its cancel event, a transcription unit at its end."""
+        self._stopped = error
+        closed = False
+        for jobs in (self._jobs, self._bulk):
+            while True:
+                try:
+                    entry = jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if entry is None:
+                    closed = True
+                elif entry[1].set_running_or_notify_cancel():
+                    entry[1].set_exception(error)
+        if closed:  # close() was called: the thread still ends
+            self._jobs.put_nowait(None)
+
     def close(self) -> None:
         self._jobs.put(None)
         self._ready.release()
@@ -132,6 +158,10 @@ class ModelWorker:
                 self._busy.clear()
 
     def _run_one(self, job: Callable[[], Any] | _Batchable, future: Future[Any]) -> None:
+        if self._stopped is not None:  # held back while a batch was gathered, or queued as stop() drained
+            if future.set_running_or_notify_cancel():
+                future.set_exception(self._stopped)
+            return
         if isinstance(job, _Batchable):
             self._run_batch(job, future)
             return

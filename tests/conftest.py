@@ -43,6 +43,21 @@ def speak(text: str, target: Path, *, voice: str = "en-us", words_per_minute: in
     return target
 
 
+def meeting_speech(minutes: float, folder: Path) -> tuple[Path, str]:
+    """The ASR benchmark's meeting speech (12 spoken sentences with short pauses) repeated to ``minutes``, as m4a,
+    and its text."""
+    import importlib.util
+    import sys
+
+    require_tool("espeak-ng")
+    spec = importlib.util.spec_from_file_location("asr_benchmark", Path(__file__).parents[1] / "benchmarks" / "asr.py")
+    assert spec is not None and spec.loader is not None
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(benchmark)
+    return benchmark.make_speech(minutes, folder)  # type: ignore[no-any-return]
+
+
 def write_wav(path: Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     import soundfile
 

@@ -203,3 +203,88 @@ def test_metrics_need_the_api_key_when_one_is_set(server: str) -> None:
     request = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {ALPHA}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         assert b"assistant_errors_total" in response.read()
+
+
+REQUESTS_PER_MINUTE = 4
+AUDIO_MINUTES_PER_HOUR = 0.2  # 12 s of audio per key per hour
+
+
+@pytest.fixture(scope="module")
+def rated_server() -> Iterator[str]:
+    """A second server with rate limits per key (three keys, so each attack has a fresh allowance)."""
+    require_offline_models("smollm2-135m", "whisper-base")
+    process, base = start_server(
+        "--set", f"server.api_keys=[{ALPHA}, {BETA}, gamma-key-0003]",
+        "--set", f"server.rate_limit_requests_per_minute={REQUESTS_PER_MINUTE}",
+        "--set", f"server.rate_limit_audio_minutes_per_hour={AUDIO_MINUTES_PER_HOUR}",
+    )  # fmt: skip
+    yield base
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_a_key_over_its_requests_per_minute_gets_429_with_retry_after(rated_server: str) -> None:
+    api = openai.OpenAI(base_url=f"{rated_server}/v1", api_key=ALPHA, max_retries=0, timeout=30)
+    for _ in range(REQUESTS_PER_MINUTE):
+        api.models.list()
+    with pytest.raises(openai.RateLimitError) as refused:  # the SDK's own class for 429
+        api.models.list()
+    headers = refused.value.response.headers
+    assert 50 <= int(headers["retry-after"]) <= 60 and 50_000 <= int(headers["retry-after-ms"]) <= 60_000
+    assert refused.value.code == "rate_limit_exceeded"
+    assert "server.rate_limit_requests_per_minute" in refused.value.message
+    other = openai.OpenAI(base_url=f"{rated_server}/v1", api_key=BETA, max_retries=0, timeout=30)
+    assert other.models.list().data  # another key has its own allowance
+
+    async def realtime_connect() -> None:  # a WebSocket connection counts as a request too
+        from websockets.exceptions import ConnectionClosed
+
+        async with connect(rated_server, ALPHA) as ws:
+            error = json.loads(await ws.recv())
+            assert error["type"] == "error" and error["error"]["code"] == "rate_limit_exceeded"
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+
+    asyncio.run(realtime_connect())
+
+
+def test_a_key_over_its_audio_minutes_per_hour_gets_429_and_a_file_over_the_whole_allowance_413(
+    rated_server: str, tmp_path: Path
+) -> None:
+    five_s = tmp_path / "five.wav"
+    subprocess.run([require_tool("ffmpeg"), "-loglevel", "error", "-f", "lavfi", "-i", "sine=f=300:r=16000",
+                    "-t", "5", str(five_s)], check=True)  # fmt: skip
+    api = openai.OpenAI(base_url=f"{rated_server}/v1", api_key=BETA, max_retries=0, timeout=60)
+    for _ in range(2):  # 10 of the 12 s
+        with five_s.open("rb") as audio:
+            api.audio.transcriptions.create(model="whisper-1", file=audio)
+    with pytest.raises(openai.RateLimitError) as refused, five_s.open("rb") as audio:
+        api.audio.transcriptions.create(model="whisper-1", file=audio)
+    assert 3500 <= int(refused.value.response.headers["retry-after"]) <= 3600
+    assert "server.rate_limit_audio_minutes_per_hour" in refused.value.message
+    long_file = tmp_path / "twenty.wav"
+    subprocess.run([require_tool("ffmpeg"), "-loglevel", "error", "-f", "lavfi", "-i", "sine=f=300:r=16000",
+                    "-t", "20", str(long_file)], check=True)  # fmt: skip
+    fresh = openai.OpenAI(base_url=f"{rated_server}/v1", api_key="gamma-key-0003", max_retries=0, timeout=60)
+    with pytest.raises(openai.APIStatusError) as too_long, long_file.open("rb") as audio:
+        fresh.audio.transcriptions.create(model="whisper-1", file=audio)
+    assert too_long.value.status_code == 413 and "send it in parts" in too_long.value.message
+
+
+def test_realtime_audio_over_the_allowance_is_dropped_with_one_error(rated_server: str) -> None:
+    async def stream_audio() -> None:
+        async with connect(rated_server, "gamma-key-0003") as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            pcm_16k = {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None}}}
+            await ws.send(json.dumps({"type": "session.update", "session": pcm_16k}))
+            await events_until(ws, "session.updated")
+            for _ in range(150):  # 15 s of audio in 100 ms pieces, against 12 s per hour
+                await ws.send(b"\x00\x00" * 1600)
+            await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            seen = await events_until(ws, "input_audio_buffer.cleared")
+            errors = [e["error"] for e in seen if e["type"] == "error"]
+            assert len(errors) == 1 and errors[0]["code"] == "rate_limit_exceeded", errors
+            assert "input audio is dropped until then" in errors[0]["message"]
+
+    asyncio.run(stream_audio())

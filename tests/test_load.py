@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require_offline_models, speak
+from tests.conftest import meeting_speech, require_offline_models, speak
 from tests.test_server import start_server, ws_url
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.reliability]
@@ -145,16 +145,8 @@ def test_a_chat_request_is_not_stuck_behind_a_long_transcription(tmp_path: Path)
     bulk queue, so a chat completion sent meanwhile is answered within 2x its idle time (issue: a chat request sent
     a few seconds after a long upload had no answer after 200 s)."""
     import concurrent.futures
-    import importlib.util
-    import sys
 
-    # the benchmark's meeting speech: 12 sentences with short pauses, repeated to 20 minutes
-    spec = importlib.util.spec_from_file_location("asr_benchmark", Path(__file__).parents[1] / "benchmarks" / "asr.py")
-    assert spec is not None and spec.loader is not None
-    benchmark = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = benchmark
-    spec.loader.exec_module(benchmark)
-    long_file, _script = benchmark.make_speech(20, tmp_path)
+    long_file, _script = meeting_speech(20, tmp_path)
     # answers of exactly 128 tokens (end of text suppressed until then): the same work idle and busy
     process, base = start_server("--set", "llm.sampling.min_new_tokens=128", "--set", "llm.sampling.max_new_tokens=128")
     try:

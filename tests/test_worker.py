@@ -109,3 +109,54 @@ def test_bulk_and_batched_jobs_share_the_worker_without_losing_any():
     results = [worker.submit(lambda n=n: n, bulk=n % 2 == 0) for n in range(40)]
     assert [future.result(timeout=5) for future in results] == list(range(40))
     worker.close()
+
+
+def test_stop_fails_queued_jobs_refuses_new_ones_and_lets_the_running_one_finish() -> None:
+    from assistant.errors import ShutdownError
+
+    worker = ModelWorker(max_pending=8)
+    gate, started = threading.Event(), threading.Event()
+
+    def running() -> str:
+        started.set()
+        gate.wait(5)
+        return "finished"
+
+    first = worker.submit(running)
+    assert started.wait(5)
+    queued = [worker.submit(lambda: "never"), worker.submit(lambda: "never", bulk=True)]
+    error = ShutdownError("stopping")
+    worker.stop(error)
+    for future in queued:
+        with pytest.raises(ShutdownError):
+            future.result(timeout=5)
+    with pytest.raises(ShutdownError):
+        worker.submit(lambda: None)
+    gate.set()
+    assert first.result(timeout=5) == "finished"
+
+    async def stream_after_stop() -> None:
+        with pytest.raises(ShutdownError):
+            async for _ in worker.stream(lambda: iter(["x"]), threading.Event()):
+                pass
+
+    asyncio.run(stream_after_stop())
+
+
+def test_a_stream_refused_in_the_queue_ends_with_the_error_instead_of_hanging() -> None:
+    from assistant.errors import ShutdownError
+
+    worker = ModelWorker(max_pending=8)
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(5))
+
+    async def consume() -> None:
+        stream = worker.stream(lambda: iter(["never"]), threading.Event())
+        pending = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.1)  # queued behind the gate
+        worker.stop(ShutdownError("stopping"))
+        with pytest.raises(ShutdownError):
+            await asyncio.wait_for(pending, 5)
+
+    asyncio.run(consume())
+    gate.set()

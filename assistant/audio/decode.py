@@ -60,6 +60,12 @@ class AudioInfo:
     duration_s: float | None  # None when the container does not say
     tracks: tuple[AudioTrack, ...]
 
+    @property
+    def declared_s(self) -> float:
+        """Seconds of audio the container declares: the end of its longest track (0.0 when it declares none)."""
+        ends = (t.start_s + (t.duration_s or 0.0) for t in self.tracks)
+        return max(max(ends, default=0.0), self.duration_s or 0.0)
+
 
 @dataclass(frozen=True)
 class AudioSource:

@@ -29,7 +29,15 @@ import numpy as np
 
 from assistant.config import SamplingConfig, build
 from assistant.conversation import Conversation
-from assistant.errors import AssistantError, AuthError, ConfigError, LimitError, OutputError
+from assistant.errors import (
+    AssistantError,
+    AuthError,
+    ConfigError,
+    LimitError,
+    OutputError,
+    RateLimitError,
+    ShutdownError,
+)
 from assistant.messages import (
     SAMPLE_RATE,
     Audio,
@@ -98,6 +106,8 @@ class RealtimeSession:
         self._audio_items: set[str] = set()  # items made of speech (input_audio / output_audio content)
         self._responses: dict[str, tuple[tuple[str, ...], float, float, float]] = {}  # id -> modalities, clocks
         self._gone = False
+        self._client = ""  # who the rate limits count (client_of): set once the key is known
+        self._throttled_until = 0.0  # audio over the allowance is dropped until then, with one error event
         options = SessionOptions.from_config(self._config, modalities=tuple(self._config.server.output_modalities))
         self.voice = VoiceSession(new_session(services), services.session_services(), options, self._on_event,
                                   vad=self._config.vad)  # fmt: skip
@@ -105,18 +115,25 @@ class RealtimeSession:
     # --- connection --------------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        from assistant.io.server import client_of
+
         if not self._origin_allowed():
             await self._ws.close(code=CLOSE_POLICY, reason="origin not allowed")
             return
         await self._ws.accept()
+        if self._services.shutdown.stopping:
+            await self._goodbye()
+            return
         key = await self._authorized()
         if key is None:
             return
+        self._client = client_of(key, self._ws.client)
         try:
+            self._services.rate_limits.request(self._client)
             self._services.open_session(key)
-        except LimitError as exc:
+        except (LimitError, RateLimitError) as exc:
             await self._error(exc)
-            await self._ws.close(code=CLOSE_TRY_LATER)
+            await self._ws.close(code=CLOSE_TRY_LATER, reason=exc.code)
             return
         try:
             self._saved_as = self._resume(self._ws.query_params.get("conversation"), key)
@@ -130,7 +147,8 @@ class RealtimeSession:
             return
         try:
             await self._send({"type": "session.created", "session": self._describe()})
-            await self._receive_loop()
+            with self._services.shutdown.closing(self._server_stopping):
+                await self._receive_loop()
         except Exception as exc:  # a fault of ours ends this session with a reason, never the server
             await self._error(AssistantError(f"the session failed: {type(exc).__name__}: {str(exc)[:300]}"))
             with contextlib.suppress(RuntimeError, ConnectionError):  # the client may be gone already
@@ -141,6 +159,21 @@ class RealtimeSession:
             if self._saved_as is not None:
                 self._services.release_conversation(self._saved_as)
             self._services.close_session(key)
+
+    async def _server_stopping(self) -> None:
+        """The server is stopping: the reply in progress ends where it is (cut, as on a barge-in) and is saved; then
+        the client is told and the connection closed with 1001 (going away) and a reason."""
+        self.voice.cancel("server_shutdown")
+        await self.voice.settle()
+        await self._goodbye()
+
+    async def _goodbye(self) -> None:
+        from assistant.io.shutdown import SHUTDOWN_MESSAGE
+
+        await self._error(ShutdownError(SHUTDOWN_MESSAGE))
+        with contextlib.suppress(RuntimeError, ConnectionError):  # the client may be gone already
+            await self._ws.close(code=CLOSE_GOING_AWAY, reason="server shutting down")
+        self._gone = True
 
     def _check_model(self, model: str | None) -> None:
         """``?model=``: any name works (clients send gpt-realtime); a name of one of our models must be loaded."""
@@ -234,7 +267,7 @@ class RealtimeSession:
                 if size > limit:
                     raise LimitError(f"message of {size} bytes is over server.max_message_kb ({limit // 1024} KB)")
                 if data is not None:
-                    await self.voice.push_audio(self._decode(data))
+                    await self._push(self._decode(data))
                 else:
                     event = parse_event(text or "")
                     event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
@@ -280,7 +313,20 @@ class RealtimeSession:
             raw = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError):
             raise ConfigError("input_audio_buffer.append: 'audio' is not valid base64") from None
-        await self.voice.push_audio(self._decode(raw))
+        await self._push(self._decode(raw))
+
+    async def _push(self, samples: np.ndarray) -> None:
+        """Input audio, counted against the client's audio allowance: over it, audio is dropped (one error event
+        says until when) and the session goes on."""
+        now = time.monotonic()
+        if now < self._throttled_until:
+            return
+        try:
+            self._services.rate_limits.audio_seconds(self._client, len(samples) / SAMPLE_RATE)
+        except RateLimitError as exc:
+            self._throttled_until = now + exc.retry_after_s
+            raise RateLimitError(f"{exc.message}; input audio is dropped until then", exc.retry_after_s) from None
+        await self.voice.push_audio(samples)
 
     async def _commit(self, event: dict[str, Any]) -> None:
         await self.voice.commit()
@@ -320,6 +366,7 @@ class RealtimeSession:
         await self._send({"type": "conversation.item.retrieved", "item": item})
 
     async def _response_create(self, event: dict[str, Any]) -> None:
+        self._services.rate_limits.request(self._client)
         response = event.get("response") or {}
         if not isinstance(response, dict):
             raise ConfigError("response.create: 'response' must be an object")

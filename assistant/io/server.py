@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import tempfile
 import threading
@@ -30,11 +32,23 @@ from starlette.requests import ClientDisconnect
 from assistant import registry
 from assistant.asr.cues import CueOptions
 from assistant.asr.writers import WRITERS, segment_json
+from assistant.audio.decode import probe
 from assistant.chat import ChatSession
 from assistant.config import Config, SamplingConfig, build
 from assistant.conversation import Conversation
-from assistant.errors import AssistantError, AudioDecodeError, AuthError, BusyError, ConfigError, LimitError
+from assistant.errors import (
+    AssistantError,
+    AudioDecodeError,
+    AuthError,
+    BusyError,
+    ConfigError,
+    LimitError,
+    RateLimitError,
+    ShutdownError,
+)
 from assistant.io.metrics import ServerMetrics
+from assistant.io.rate_limit import RateLimits
+from assistant.io.shutdown import SHUTDOWN_MESSAGE, GracefulServer, Shutdown
 from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ROLES, Message, Transcript
 from assistant.pipeline import AudioLimit, FileResult, TranscriptionPipeline
@@ -78,7 +92,8 @@ def verbose_json(transcript: Transcript, granularities: frozenset[str]) -> dict[
 SPEECH_FORMATS = tuple(FORMATS)  # POST /v1/audio/speech response_format: mp3 (default), opus, aac, flac, wav, pcm
 MAX_SPEECH_CHARS = 4096  # POST /v1/audio/speech input, OpenAI's limit
 _STATUS = {"config": 400, "prompt-too-long": 400, "audio-decode": 400, "limit": 413, "busy": 503,
-           "unauthorized": 401, "template": 400, "conversation": 400}  # fmt: skip
+           "unauthorized": 401, "template": 400, "conversation": 400, "rate_limit_exceeded": 429,
+           "shutting-down": 503}  # fmt: skip
 WEB_DIR = Path(__file__).with_name("web")
 
 
@@ -101,17 +116,32 @@ class Services:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # uploads are transcribed one at a time (decoding and the VAD run beside the worker; their memory is a block's)
     bulk: asyncio.Semaphore = dataclasses.field(default_factory=lambda: asyncio.Semaphore(1))
+    shutdown: Shutdown = dataclasses.field(default_factory=Shutdown)
     metrics: ServerMetrics = dataclasses.field(init=False)
+    rate_limits: RateLimits = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(open_sessions=lambda: self.sessions, queue_depth=lambda: self.worker.pending)
         self.worker.on_wait = self.metrics.queue_wait.observe
+        limits = self.config.server
+        self.rate_limits = RateLimits.from_settings(limits.rate_limit_requests_per_minute,
+                                                    limits.rate_limit_audio_minutes_per_hour,
+                                                    exposed=not _is_loopback(limits.host))  # fmt: skip
+
+    async def stop(self, timeout_s: float) -> None:
+        """The first SIGTERM/SIGINT: refuse queued and new model work, cancel generations, let sessions say goodbye
+        (their cut replies saved), all within ``timeout_s``."""
+        error = ShutdownError(SHUTDOWN_MESSAGE)
+        self.worker.stop(error)
+        self.speech_worker.stop(error)
+        await self.shutdown.begin(timeout_s)
 
     def transcribe_upload(self, path: Path, **options: Any) -> FileResult:
         """Transcribe an upload off the event loop, each unit (a batch of windows) on the worker's bulk queue:
-        voice turns and chat completions go between the units."""
+        voice turns and chat completions go between the units; a server stop ends it before the next unit."""
 
         def run_model(call: Callable[[], list[Transcript]]) -> list[Transcript]:
+            self.shutdown.check()
             return self.worker.submit(call, bulk=True).result()
 
         return self.transcription.transcribe_file(path, run_model=run_model, **options)
@@ -281,8 +311,7 @@ def create_app(services: Services) -> FastAPI:
 
     @app.exception_handler(AssistantError)
     async def assistant_error(request: Request, exc: AssistantError) -> JSONResponse:
-        services.metrics.errors.labels(code=exc.code).inc()
-        return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, 500))
+        return error_response(services, exc, 500)
 
     @app.exception_handler(ClientDisconnect)
     async def client_left(request: Request, exc: ClientDisconnect) -> Response:
@@ -299,8 +328,13 @@ def create_app(services: Services) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
         try:
-            if request.url.path.startswith("/v1/") or request.url.path == "/metrics":
-                _check_key(services, request.headers.get("authorization"))
+            services.shutdown.check()
+            api = request.url.path.startswith("/v1/")
+            if api or request.url.path == "/metrics":
+                key = _check_key(services, request.headers.get("authorization"))
+                request.state.client = client_of(key, request.client)
+                if api:
+                    services.rate_limits.request(request.state.client)
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > limit_bytes:
                 raise LimitError(f"the request body is over server.max_upload_mb ({config.server.max_upload_mb} MB)")
@@ -312,8 +346,7 @@ def create_app(services: Services) -> FastAPI:
                     )
                 services.requests += 1
         except AssistantError as exc:
-            services.metrics.errors.labels(code=exc.code).inc()
-            return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, 400))
+            return error_response(services, exc, 400)
         try:
             return await call_next(request)
         finally:
@@ -361,14 +394,20 @@ def create_app(services: Services) -> FastAPI:
                         raise LimitError(f"the file is over server.max_upload_mb ({config.server.max_upload_mb} MB)")
                     out.write(block)
             try:
-                async with services.bulk:
-                    result = await asyncio.to_thread(
-                        services.transcribe_upload,
-                        path, language=language, word_timestamps="word" in granularities, limit=audio_limit,
-                    )  # fmt: skip
+                counted = await count_upload_audio(services, request.state.client, path)
+                try:
+                    async with services.bulk:
+                        result = await asyncio.to_thread(
+                            services.transcribe_upload,
+                            path, language=language, word_timestamps="word" in granularities, limit=audio_limit,
+                        )  # fmt: skip
+                except BaseException:
+                    services.rate_limits.refund_audio(request.state.client, counted)
+                    raise
             except AudioDecodeError as exc:  # name the client's file, not our temporary path
                 raise AudioDecodeError(exc.message.replace(str(path), upload.filename or "the upload")) from None
         transcript = result.transcript
+        services.rate_limits.settle_audio(request.state.client, counted, transcript.audio_s)
         services.metrics.transcription(transcript.audio_s)
         if response_format == "text":
             return PlainTextResponse(transcript.text + "\n")
@@ -386,23 +425,26 @@ def create_app(services: Services) -> FastAPI:
         params = sampling_from_request(config.llm.sampling, body)
         continue_last = messages[-1].role == "assistant"
         model, request_id, created = config.llm.model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        cancel = threading.Event()
 
-        def generate() -> Any:
+        def generate(cancel: threading.Event) -> Any:
             return services.chat_model.stream(messages, params, continue_last=continue_last, cancel=cancel)
 
         if not body.get("stream"):
 
-            def whole() -> tuple[str, Any]:
-                reply = generate()
+            def whole(cancel: threading.Event) -> tuple[str, Any]:
+                reply = generate(cancel)
                 text = "".join(reply)
                 return text, reply.stats
 
-            try:
-                text, stats = await services.worker.run(whole)
-                services.metrics.completion(stats, stream=False)
-            except Exception as exc:
-                raise generation_failed(exc) from exc
+            with services.shutdown.cancellable() as cancel:
+                try:
+                    text, stats = await services.worker.run(lambda: whole(cancel))
+                except AssistantError:
+                    raise
+                except Exception as exc:
+                    raise generation_failed(exc) from exc
+            services.shutdown.check()  # stopped mid-reply: 503, not a cut answer passed off as complete
+            services.metrics.completion(stats, stream=False)
             return {
                 "id": request_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -412,8 +454,8 @@ def create_app(services: Services) -> FastAPI:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         holder: dict[str, Any] = {}
 
-        def deltas() -> Any:
-            reply = generate()
+        def deltas(cancel: threading.Event) -> Any:
+            reply = generate(cancel)
             yield from reply
             holder["stats"] = reply.stats
 
@@ -424,13 +466,20 @@ def create_app(services: Services) -> FastAPI:
                 return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
             yield chunk({"role": "assistant", "content": ""})
-            try:
-                async for text in services.worker.stream(deltas, cancel):
-                    if await request.is_disconnected():
-                        return  # leaving the stream sets cancel: generation stops, the worker is free
-                    yield chunk({"content": text})
-            except Exception as exc:  # the stream ends with an error event; the server goes on
-                yield f"data: {json.dumps(error_body(generation_failed(exc)))}\n\n"
+            with services.shutdown.cancellable() as cancel:
+                try:
+                    async for text in services.worker.stream(lambda: deltas(cancel), cancel):
+                        if await request.is_disconnected():
+                            return  # leaving the stream sets cancel: generation stops, the worker is free
+                        yield chunk({"content": text})
+                except AssistantError as exc:  # busy, or the server is stopping
+                    yield f"data: {json.dumps(error_body(exc))}\n\n"
+                    return
+                except Exception as exc:  # the stream ends with an error event; the server goes on
+                    yield f"data: {json.dumps(error_body(generation_failed(exc)))}\n\n"
+                    return
+            if services.shutdown.stopping:  # cut by the stop: say so instead of finishing as if complete
+                yield f"data: {json.dumps(error_body(ShutdownError(SHUTDOWN_MESSAGE)))}\n\n"
                 return
             stats = holder.get("stats")
             if stats is not None:
@@ -488,10 +537,43 @@ def _usage(stats: Any) -> dict[str, int]:
             "total_tokens": stats.prompt_tokens + stats.completion_tokens}  # fmt: skip
 
 
-def _check_key(services: Services, authorization: str | None) -> None:
+def _check_key(services: Services, authorization: str | None) -> str:
+    """The configured key the request carries ("" when the server has none); AuthError otherwise."""
     scheme, _, token = (authorization or "").partition(" ")
-    if services.key_of(token.strip() if scheme.lower() == "bearer" else "") is None:
+    key = services.key_of(token.strip() if scheme.lower() == "bearer" else "")
+    if key is None:
         raise AuthError("missing or wrong API key: send 'Authorization: Bearer <server.api_key>'")
+    return key
+
+
+def client_of(key: str, address: Any) -> str:
+    """Who a rate limit counts: the API key when the server has keys, else the client's address."""
+    if key:
+        return "key " + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return f"address {address.host if address is not None else 'unknown'}"
+
+
+def error_response(services: Services, exc: AssistantError, default_status: int) -> JSONResponse:
+    """An error in OpenAI's shape, counted in the metrics; 429 carries Retry-After (and the openai SDK's
+    retry-after-ms), 503 on stopping closes the connection."""
+    services.metrics.errors.labels(code=exc.code).inc()
+    headers = {}
+    if isinstance(exc, RateLimitError):
+        wait = exc.retry_after_s
+        headers = {"retry-after": str(math.ceil(wait)), "retry-after-ms": str(round(wait * 1000))}
+    elif isinstance(exc, ShutdownError):
+        headers = {"connection": "close"}
+    return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, default_status), headers=headers)
+
+
+async def count_upload_audio(services: Services, client: str, path: Path) -> float:
+    """Count an upload's declared seconds against the client's audio allowance before any work (RateLimitError
+    when over it); 0.0 when no audio limit is set or the file declares no duration (then it is counted after)."""
+    if services.rate_limits.audio is None:
+        return 0.0
+    declared = (await asyncio.to_thread(probe, path)).declared_s
+    services.rate_limits.audio_seconds(client, declared)
+    return declared
 
 
 def new_session(services: Services) -> ChatSession:
@@ -562,6 +644,11 @@ def serve(config: Config) -> None:
     # frames up to 4x the message limit reach the session, which answers with an `error` event and goes on;
     # beyond that the WebSocket layer closes the connection with 1009 (message too big) before buffering it.
     # limit_concurrency is the last guard (plain 503) behind our own session and request limits.
-    uvicorn.run(create_app(services), host=limits.host, port=limits.port, log_level="warning",
-                http=deadline_protocol(limits.request_timeout_s), ws_max_size=limits.max_message_kb * 1024 * 4,
-                limit_concurrency=limits.max_sessions + limits.max_requests + 16)  # fmt: skip
+    server_config = uvicorn.Config(
+        create_app(services), host=limits.host, port=limits.port, log_level="warning",
+        http=deadline_protocol(limits.request_timeout_s), ws_max_size=limits.max_message_kb * 1024 * 4,
+        limit_concurrency=limits.max_sessions + limits.max_requests + 16,
+        timeout_graceful_shutdown=limits.shutdown_timeout_s / 2,  # after GracefulServer's own half
+    )  # fmt: skip
+    GracefulServer(server_config, services.stop, limits.shutdown_timeout_s).run()
+    print("assistant serve: stopped", flush=True)
