@@ -51,6 +51,13 @@ class AsrConfig:
     no_speech_threshold: float | None = 0.6
     condition_on_previous_text: bool = True
     word_timestamps: bool = False  # words with start, end and probability in every segment
+    # backend openai: a remote /v1/audio/transcriptions server (vLLM, speaches, OpenAI, another assistant serve);
+    # decoding and the VAD stay local, each speech window is one request; `model` is the server's model name
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    api_key: str | None = None  # default: the OPENAI_API_KEY environment variable
+    max_in_flight: int = 4  # windows sent at once, so the server can batch them
+    timeout_s: float = 120.0  # per request
+    max_retries: int = 4  # 429 (after its Retry-After), 5xx, timeouts and lost connections are retried
 
     def __post_init__(self) -> None:
         if self.backend not in registry.ASR_BACKENDS:
@@ -59,6 +66,9 @@ class AsrConfig:
         _require(self.batch_size >= 0, "asr.batch_size", self.batch_size, "0 (auto) or an integer >= 1")
         _require(self.beam_size >= 1, "asr.beam_size", self.beam_size, "an integer >= 1")
         _require(self.threads >= 0, "asr.threads", self.threads, "0 (all cores) or a positive integer")
+        _require(self.max_in_flight >= 1, "asr.max_in_flight", self.max_in_flight, "an integer >= 1")
+        _require(self.timeout_s > 0, "asr.timeout_s", self.timeout_s, "a positive number of seconds")
+        _require(self.max_retries >= 0, "asr.max_retries", self.max_retries, "an integer >= 0")
         _require(len(self.temperatures) > 0, "asr.temperatures", self.temperatures, "a non-empty list")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

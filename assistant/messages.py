@@ -55,7 +55,7 @@ class Word:
     word: str
     start_s: float
     end_s: float
-    probability: float
+    probability: float | None  # None: the recogniser gives none (OpenAI's API returns words without it)
 
 
 @dataclass(frozen=True)

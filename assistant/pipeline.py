@@ -288,7 +288,7 @@ def _place(segments: Sequence[Segment], window: Audio, lead_s: float = 0.0) -> I
         words = []
         for word in segment.words:
             word_start = clip(word.start_s, start)
-            words.append(Word(word.word, word_start, clip(word.end_s, word_start), round(float(word.probability), 3)))
+            words.append(Word(word.word, word_start, clip(word.end_s, word_start), word.probability))
         yield Segment(start, clip(segment.end_s, start), segment.text, tuple(words), segment.language)
 
 

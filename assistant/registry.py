@@ -10,6 +10,7 @@ from assistant.errors import ConfigError
 ASR_BACKENDS: dict[str, str] = {
     "faster-whisper": "assistant.asr.faster_whisper:FasterWhisperTranscriber",
     "whisper-hf": "assistant.asr.whisper_hf:WhisperHFTranscriber",
+    "openai": "assistant.asr.openai_remote:OpenAITranscriber",
 }
 
 VAD_BACKENDS: dict[str, str] = {

@@ -11,6 +11,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# Whisper's languages, code -> the English name OpenAI's API returns in verbose_json ("english"), in Whisper's order
+WHISPER_LANGUAGES = {
+    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian", "ko": "korean",
+    "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish", "pl": "polish", "ca": "catalan",
+    "nl": "dutch", "ar": "arabic", "sv": "swedish", "it": "italian", "id": "indonesian", "hi": "hindi",
+    "fi": "finnish", "vi": "vietnamese", "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay",
+    "cs": "czech", "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
+    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian", "la": "latin",
+    "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak", "te": "telugu", "fa": "persian",
+    "lv": "latvian", "bn": "bengali", "sr": "serbian", "az": "azerbaijani", "sl": "slovenian", "kn": "kannada",
+    "et": "estonian", "mk": "macedonian", "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian",
+    "ne": "nepali", "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian", "sw": "swahili",
+    "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala", "km": "khmer", "sn": "shona",
+    "yo": "yoruba", "so": "somali", "af": "afrikaans", "oc": "occitan", "ka": "georgian", "be": "belarusian",
+    "tg": "tajik", "sd": "sindhi", "gu": "gujarati", "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek",
+    "fo": "faroese", "ht": "haitian creole", "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese",
+    "sa": "sanskrit", "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog", "mg": "malagasy",
+    "as": "assamese", "tt": "tatar", "haw": "hawaiian", "ln": "lingala", "ha": "hausa", "ba": "bashkir",
+    "jw": "javanese", "su": "sundanese", "yue": "cantonese",
+}  # fmt: skip
+_CODES_BY_NAME = {name: code for code, name in WHISPER_LANGUAGES.items()}
 SURE_MIN_S = 2.0  # a window shorter than this is unsure whatever its probability
 SURE_MIN_PROBABILITY = 0.5  # below this the detection is unsure
 
@@ -51,3 +72,12 @@ def settle_languages(guesses: Sequence[LanguageGuess], *, before: str | None = N
 
 def _next_sure(guesses: Sequence[LanguageGuess], index: int) -> str | None:
     return next((g.language for g in guesses[index + 1 :] if g.sure), None)
+
+
+def language_code(value: str | None) -> str | None:
+    """A language as Whisper's code: ``en`` stays ``en``, OpenAI's ``english`` (any case) becomes ``en``; a value
+    that is neither is returned lower-cased (a server's own naming); None stays None."""
+    if not value:
+        return None
+    lowered = value.strip().lower()
+    return lowered if lowered in WHISPER_LANGUAGES else _CODES_BY_NAME.get(lowered, lowered)

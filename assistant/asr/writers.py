@@ -73,7 +73,7 @@ def segment_json(index: int, segment: Segment) -> dict[str, Any]:
     if segment.words:
         document["words"] = [
             {"word": w.word, "start": round(w.start_s, 3), "end": round(w.end_s, 3),
-             "probability": round(w.probability, 3)}
+             "probability": None if w.probability is None else round(w.probability, 3)}
             for w in segment.words
         ]  # fmt: skip
     return document

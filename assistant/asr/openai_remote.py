@@ -1,0 +1,148 @@
+"""Recognition on a remote server's ``/v1/audio/transcriptions`` (``asr.backend: openai``).
+
+vLLM, speaches, OpenAI and another ``assistant serve`` all answer OpenAI's transcription API. Decoding, the VAD and the
+placement of results on the file's timeline stay here; each speech window (at most 30 s, what Whisper takes in one
+pass) is sent as a 16 kHz PCM16 WAV with ``response_format=verbose_json``, up to ``asr.max_in_flight`` at once so
+the server can batch them. Its segments and words come back relative to the window, exactly as a local backend's
+do. The official ``openai`` client does the HTTP: it retries 408/429/5xx, timeouts and lost connections with
+backoff, honouring ``Retry-After`` (``asr.max_retries``); what is still refused becomes an AsrError carrying the
+server's own message.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from assistant.asr.language import WHISPER_LANGUAGES, language_code
+from assistant.config import AsrConfig, Task
+from assistant.errors import AsrError, ConfigError, ModelLoadError
+from assistant.messages import Audio, Segment, Transcript, Word
+
+
+class OpenAITranscriber:
+    """A Transcriber whose model runs on an OpenAI-compatible server."""
+
+    def __init__(self, config: AsrConfig) -> None:
+        try:
+            import openai
+        except ImportError:
+            raise ModelLoadError("asr.backend openai needs the openai package: pip install openai") from None
+        base_url = config.base_url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise ConfigError(
+                "asr.base_url: backend openai needs the server's address, e.g. http://127.0.0.1:8000/v1 "
+                "(nothing is sent to a cloud service unless you name it)"
+            )
+        self._openai = openai
+        self._config = config
+        self._base_url = base_url
+        self._client = openai.OpenAI(
+            base_url=base_url,
+            api_key=config.api_key or os.environ.get("OPENAI_API_KEY") or "not-needed",
+            timeout=config.timeout_s,
+            max_retries=config.max_retries,
+        )
+        self._pool = ThreadPoolExecutor(config.max_in_flight, thread_name_prefix="asr-remote")
+
+    @property
+    def description(self) -> str:
+        return f"openai {self._config.model} at {self._base_url}"
+
+    @property
+    def batch_size(self) -> int:
+        """Windows handed over per call: all of them go out at once (``asr.batch_size`` when set)."""
+        return self._config.batch_size or self._config.max_in_flight
+
+    def supports_language(self, language: str) -> bool:
+        return language in WHISPER_LANGUAGES
+
+    def transcribe_many(
+        self,
+        audios: Sequence[Audio],
+        *,
+        language: str | None,
+        task: Task = "transcribe",
+        timestamps: bool = True,
+        word_timestamps: bool = False,
+    ) -> list[Transcript]:
+        """One request per window, ``asr.max_in_flight`` at a time; results in order. AsrError names the server and
+        gives its message when a window is refused after the retries."""
+        return list(self._pool.map(lambda audio: self._one(audio, language, task, word_timestamps), audios))
+
+    def _one(self, audio: Audio, language: str | None, task: Task, word_timestamps: bool) -> Transcript:
+        options: dict[str, Any] = {
+            "model": self._config.model, "file": ("window.wav", _wav(audio), "audio/wav"),
+            "response_format": "verbose_json", "temperature": self._config.temperatures[0],
+        }  # fmt: skip
+        if self._config.initial_prompt:
+            options["prompt"] = self._config.initial_prompt
+        try:
+            if task == "translate":
+                response = self._client.audio.translations.create(**options)
+            else:
+                if language:
+                    options["language"] = language
+                if word_timestamps:
+                    options["timestamp_granularities"] = ["segment", "word"]
+                response = self._client.audio.transcriptions.create(**options)
+        except self._openai.APIStatusError as exc:
+            raise AsrError(f"{self._base_url} refused a {audio.duration_s:.1f} s window with HTTP {exc.status_code}: "
+                           f"{_message_of(exc)}{_hint(exc.status_code)}") from None  # fmt: skip
+        except self._openai.APIConnectionError as exc:  # includes timeouts, after the retries
+            raise AsrError(f"cannot reach {self._base_url} ({type(exc).__name__}: {exc}); is the server up? "
+                           f"(retried {self._config.max_retries} times, asr.max_retries)") from None  # fmt: skip
+        return transcript_of(response, audio.duration_s, "en" if task == "translate" else language)
+
+
+def transcript_of(response: Any, duration_s: float, language: str | None) -> Transcript:
+    """OpenAI's verbose_json (as the SDK returns it, or a plain dict) as a Transcript of one window, in ``language``
+    when it was given (else the one the server detected, as a code). Words are taken from each segment when the
+    server nests them there (speaches), else from the top-level list (OpenAI, vLLM, assistant serve), each given
+    to the segment it falls in."""
+    data = response.model_dump() if hasattr(response, "model_dump") else dict(response)
+    code = language or language_code(data.get("language"))
+    loose = [_word(w) for w in data.get("words") or []]
+    segments = []
+    for item in data.get("segments") or []:
+        start, end = float(item["start"]), float(item["end"])
+        nested = item.get("words")
+        words = [_word(w) for w in nested] if nested else [w for w in loose if start <= (w.start_s + w.end_s) / 2 < end]
+        segments.append(Segment(start, min(end, duration_s), str(item.get("text", "")), tuple(words), code))
+    text = str(data.get("text") or "").strip()
+    if not segments and text:  # a server that returns text only: one segment over the window
+        segments.append(Segment(0.0, duration_s, " " + text, tuple(loose), code))
+    return Transcript(text, code, tuple(segments), duration_s)
+
+
+def _word(item: dict[str, Any]) -> Word:
+    probability = item.get("probability")
+    return Word(str(item.get("word", "")), float(item["start"]), float(item["end"]),
+                None if probability is None else float(probability))  # fmt: skip
+
+
+def _wav(audio: Audio) -> bytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio.samples, audio.sample_rate, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
+
+
+def _message_of(exc: Any) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        return str(body.get("message") or body)
+    return str(body or exc.message)
+
+
+def _hint(status: int) -> str:
+    return {
+        401: " (check asr.api_key)",
+        404: " (check asr.base_url and asr.model)",
+        413: " (the server's upload limit is below one window; raise it there or lower asr.chunk_s)",
+        429: " (the server's rate limit; retried after its Retry-After, asr.max_retries)",
+    }.get(status, "")
