@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     transcribe.add_argument("paths", nargs="+", metavar="PATH", help="files, directories or glob patterns")
     _add_config_options(transcribe)
     transcribe.add_argument("--model", help="offline bundle name, local model directory or hub id (asr.model)")
-    transcribe.add_argument("--backend", help="ASR backend: faster-whisper or whisper-hf (asr.backend)")
+    transcribe.add_argument("--backend", help="ASR backend: faster-whisper, whisper-hf, openai (remote; asr.base_url)")
     transcribe.add_argument("--language", help="zh, en, yue, ... or auto (asr.language)")
     transcribe.add_argument("--task", choices=("transcribe", "translate"), help="translate = into English")
     transcribe.add_argument("--format", help="comma-separated: txt,srt,vtt,json,tsv (transcribe.formats)")

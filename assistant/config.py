@@ -21,7 +21,7 @@ import yaml
 from assistant import registry
 from assistant.errors import ConfigError
 from assistant.llm.templates import TEMPLATE_CHOICES
-from assistant.tts.base import ESPEAK_VOICE, check_speed, check_voice_name
+from assistant.tts.base import ESPEAK_VOICE, check_remote_voice, check_speed, check_voice_name
 
 Task = Literal["transcribe", "translate"]
 ZhScript = Literal["simplified", "traditional", "as-is"]
@@ -249,9 +249,19 @@ class TtsConfig:
     chinese_voice: str = "cmn-latn-pinyin"
     voice: str = "auto"  # default voice: auto (by language) | piper | espeak-ng | espeak-ng:<voice> | english_voice
     speed: float = 1.0  # multiple of the voice's natural pace, 0.25 to 4
+    # backend openai: every text spoken by a remote /v1/audio/speech server (Kokoro-FastAPI, speaches, OpenAI,
+    # another assistant serve); voice names go to it as they are (auto = alloy)
+    backend: Literal["local", "openai"] = "local"
+    base_url: str | None = None  # e.g. http://127.0.0.1:8880/v1
+    api_key: str | None = None  # default: the OPENAI_API_KEY environment variable
+    model: str = "tts-1"  # the server's model name (kokoro, tts-1, ...)
+    timeout_s: float = 60.0  # per sentence
 
     def __post_init__(self) -> None:
-        check_voice_name(self.voice, self.english_voice, "tts.voice")
+        if self.backend == "openai":
+            check_remote_voice(self.voice, "tts.voice")
+        else:
+            check_voice_name(self.voice, self.english_voice, "tts.voice")
         check_speed(self.speed, "tts.speed")
         _require(bool(ESPEAK_VOICE.fullmatch(self.chinese_voice)), "tts.chinese_voice", self.chinese_voice,
                  "an espeak-ng voice name such as cmn ('espeak-ng --voices' lists them)")  # fmt: skip

@@ -26,6 +26,7 @@ LLM_BACKENDS: dict[str, str] = {
 TTS_BACKENDS: dict[str, str] = {
     "piper": "assistant.tts.piper:PiperSynthesizer",
     "espeak-ng": "assistant.tts.espeak:EspeakSynthesizer",
+    "openai": "assistant.tts.openai_remote:OpenAISynthesizer",
 }
 
 SOURCES: dict[str, str] = {

@@ -72,7 +72,7 @@ def test_literal_choices_are_listed():
 
 
 def test_unknown_backend_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="choose one of faster-whisper, whisper-hf"):
+    with pytest.raises(ConfigError, match="choose one of faster-whisper, openai, whisper-hf"):
         AsrConfig(backend="whisper-cpp")
 
 

@@ -112,7 +112,7 @@ class Services:
     sessions: int = 0
     sessions_by_key: dict[str, int] = dataclasses.field(default_factory=dict)
     requests: int = 0
-    open_conversations: set[Path] = dataclasses.field(default_factory=set)
+    open_conversations: dict[Path, Any] = dataclasses.field(default_factory=dict)  # path -> its held FileLock
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # uploads are transcribed one at a time (decoding and the VAD run beside the worker; their memory is a block's)
     bulk: asyncio.Semaphore = dataclasses.field(default_factory=lambda: asyncio.Semaphore(1))
@@ -188,15 +188,31 @@ class Services:
                 del self.sessions_by_key[key]
 
     def claim_conversation(self, path: Path) -> None:
-        """One session at a time per saved conversation: two writers would each drop the other's turns."""
+        """One session at a time per saved conversation, across processes: two writers would each drop the other's
+        turns. Replicas sharing ``server.conversation_dir`` hold an OS file lock (``<id>.json.lock``, flock through
+        the filelock package) for the session's life; the OS frees it if the process dies. A directory where no lock
+        file can be made (read-only, full) leaves the claim to this process: saves then fail with their own error."""
+        import filelock
+
+        busy = LimitError(f"conversation '{path.stem}' is open in another session; close that one first")
         with self.lock:
             if path in self.open_conversations:
-                raise LimitError(f"conversation '{path.stem}' is open in another session; close that one first")
-            self.open_conversations.add(path)
+                raise busy
+            held: Any = filelock.FileLock(path.with_name(path.name + ".lock"), mode=0o600)
+            try:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                held.acquire(timeout=0)
+            except filelock.Timeout:
+                raise busy from None
+            except OSError:
+                held = None
+            self.open_conversations[path] = held
 
     def release_conversation(self, path: Path) -> None:
         with self.lock:
-            self.open_conversations.discard(path)
+            held = self.open_conversations.pop(path, None)
+        if held is not None:
+            held.release()
 
     def session_services(self) -> SessionServices:
         """What a voice session uses: the recogniser, the workers, the voice, a new VAD per stream."""

@@ -29,6 +29,9 @@ MIN_SPEED, MAX_SPEED = 0.25, 4.0  # multiples of the voice's natural pace; the r
 AUTO = "auto"
 PIPER = "piper"
 ESPEAK = "espeak-ng"
+REMOTE = "openai"  # tts.backend openai: a remote /v1/audio/speech server speaks every text
+REMOTE_VOICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,63}")  # names servers use: alloy, af_bella, en_US-amy
+REMOTE_DEFAULT_VOICE = "alloy"  # what "auto" asks a remote server for (OpenAI's first voice)
 # OpenAI's voice names: clients send them; they all mean "by language" here
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
                  "marin", "cedar")  # fmt: skip
@@ -95,6 +98,13 @@ def check_voice_name(voice: object, english_voice: str, where: str = "voice") ->
     )
 
 
+def check_remote_voice(voice: object, where: str = "voice") -> str:
+    """``voice`` if it can be a remote server's voice name (the server decides whether it has it)."""
+    if isinstance(voice, str) and REMOTE_VOICE.fullmatch(voice):
+        return voice
+    raise ConfigError(f"{where}: {voice!r} is not a voice name; give one the speech server has (e.g. alloy), or auto")
+
+
 class Speech:
     """The ``tts`` stage: text in, audio out, with the synthesizer chosen per text from a voice name.
 
@@ -102,6 +112,9 @@ class Speech:
       espeak-ng with ``chinese_voice``, anything else to Piper with ``english_voice``.
     - ``piper`` or the ``english_voice`` name itself: Piper, whatever the text.
     - ``espeak-ng``: espeak-ng with ``chinese_voice``; ``espeak-ng:<voice>``: espeak-ng with that voice.
+
+    With ``remote`` (``tts.backend: openai``) a remote server speaks every text and any voice name goes to it as it
+    is (``auto``: alloy).
     """
 
     def __init__(
@@ -111,12 +124,14 @@ class Speech:
         chinese_voice: str = "cmn-latn-pinyin",
         voice: str = AUTO,
         speed: float = 1.0,
+        remote: TtsConfig | None = None,
     ) -> None:
         if not ESPEAK_VOICE.fullmatch(chinese_voice):
             raise ConfigError(f"tts.chinese_voice: {chinese_voice!r} is not an espeak-ng voice name (e.g. cmn)")
         self.english_voice = english_voice
         self.chinese_voice = chinese_voice
-        self.voice = check_voice_name(voice, english_voice, "tts.voice")
+        self._remote = remote
+        self.voice = self.check_voice(voice, "tts.voice")
         self.speed = check_speed(speed, "tts.speed")
         self._synthesizers: dict[tuple[str, str], Synthesizer] = {}
         self._lock = threading.Lock()
@@ -124,24 +139,31 @@ class Speech:
     @classmethod
     def from_config(cls, config: TtsConfig) -> Speech:
         return cls(english_voice=config.english_voice, chinese_voice=config.chinese_voice, voice=config.voice,
-                   speed=config.speed)  # fmt: skip
+                   speed=config.speed, remote=config if config.backend == REMOTE else None)  # fmt: skip
 
     @property
     def description(self) -> str:
+        if self._remote is not None:
+            return f"openai {self._remote.model} at {self._remote.base_url}"
         return f"piper {self.english_voice} / espeak-ng {self.chinese_voice}"
 
     @property
     def voices(self) -> tuple[str, ...]:
-        """The voice names accepted; besides these, ``espeak-ng:<voice>`` picks any espeak-ng voice."""
-        return voice_names(self.english_voice)
+        """The voice names accepted; besides these, ``espeak-ng:<voice>`` picks any espeak-ng voice (any name a
+        remote server has, with a remote backend)."""
+        return (AUTO, *OPENAI_VOICES) if self._remote is not None else voice_names(self.english_voice)
 
-    def check_voice(self, voice: object) -> str:
+    def check_voice(self, voice: object, where: str = "voice") -> str:
         """``voice`` if it is one this stage speaks with, else ConfigError naming the valid choices."""
-        return check_voice_name(voice, self.english_voice)
+        if self._remote is not None:
+            return check_remote_voice(voice, where)
+        return check_voice_name(voice, self.english_voice, where)
 
     def choose(self, text: str, voice: str | None = None) -> tuple[str, str]:
         """The backend (a name in registry.TTS_BACKENDS) and its voice that would speak ``text`` with ``voice``."""
         voice = self.check_voice(self.voice if voice is None else voice)
+        if self._remote is not None:
+            return REMOTE, REMOTE_DEFAULT_VOICE if voice == AUTO else voice
         if voice == AUTO or voice in OPENAI_VOICES:
             return (ESPEAK, self.chinese_voice) if has_cjk(text) else (PIPER, self.english_voice)
         if voice in (PIPER, self.english_voice):
@@ -162,6 +184,7 @@ class Speech:
         with self._lock:
             found = self._synthesizers.get((backend, voice))
             if found is None:
-                found = registry.create("tts", backend, voice)
+                extra = (self._remote,) if backend == REMOTE else ()
+                found = registry.create("tts", backend, voice, *extra)
                 self._synthesizers[(backend, voice)] = found
             return found

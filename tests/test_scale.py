@@ -1,0 +1,69 @@
+"""Growing past one machine: thin front-end replicas (every stage remote) in front of a real `assistant serve` on
+127.0.0.1, sharing one conversation directory; a conversation started on one replica resumes on the other, and is
+never open on two at once (a lock across processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from assistant.conversation import Conversation
+from tests.conftest import require_offline_models
+from tests.test_load import rss_mb
+from tests.test_server import events_until, start_server, ws_url
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+websockets = pytest.importorskip("websockets")
+
+
+def remote_stages(base: str) -> list[str]:
+    """Every stage of a replica on the server at ``base``: chat, recognition and speech."""
+    settings = {"llm.backend": "openai", "llm.base_url": f"{base}/v1", "asr.backend": "openai",
+                "asr.base_url": f"{base}/v1", "asr.model": "whisper-base", "tts.backend": "openai",
+                "tts.base_url": f"{base}/v1"}  # fmt: skip
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def test_two_thin_replicas_share_conversations_and_never_open_one_twice(tmp_path: Path) -> None:
+    require_offline_models("smollm2-135m", "whisper-base")
+    folder = tmp_path / "shared-conversations"
+    backend, base = start_server()
+    replicas = []
+    try:
+        for _ in range(2):
+            replicas.append(start_server(*remote_stages(base), "--set", f"server.conversation_dir={folder}"))
+        (first, first_base), (_, second_base) = replicas
+        assert rss_mb(first.pid) < 300, "a replica with every stage remote loads no model"
+
+        async def conversation() -> str:
+            async with websockets.connect(ws_url(first_base)) as ws:
+                conversation_id = json.loads(await ws.recv())["session"]["conversation_id"]
+                item = {"role": "user", "content": "My name is Ada."}
+                await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+                await ws.send(json.dumps({"type": "response.create"}))
+                done = (await events_until(ws, "response.done", timeout=120))[-1]
+                assert done["response"]["status"] in ("completed", "incomplete")
+                # open here: the other replica refuses it (the lock is the operating system's, across processes)
+                async with websockets.connect(f"{ws_url(second_base)}?conversation={conversation_id}") as other:
+                    refused = json.loads(await other.recv())
+                    assert refused["type"] == "error" and "open in another session" in refused["error"]["message"]
+            async with websockets.connect(f"{ws_url(second_base)}?conversation={conversation_id}") as ws:
+                created = json.loads(await ws.recv())
+                assert created["session"]["history_messages"] == 3  # system prompt, the question, the reply
+                item = {"role": "user", "content": "What is my name?"}
+                await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+                await ws.send(json.dumps({"type": "response.create"}))
+                await events_until(ws, "response.done", timeout=120)
+            return str(conversation_id)
+
+        conversation_id = asyncio.run(conversation())
+        saved = Conversation.load(folder / f"{conversation_id}.json")
+        assert [t.role for t in saved.turns] == ["user", "assistant", "user", "assistant"]
+        assert saved.turns[0].content == "My name is Ada." and saved.turns[2].content == "What is my name?"
+    finally:
+        for process, _ in [*replicas, (backend, base)]:
+            process.terminate()
+            process.wait(timeout=30)
