@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from assistant.conversation import Conversation
+from assistant.tts.openai_remote import read_wav
 from tests.conftest import require_offline_models
 from tests.test_load import rss_mb
 from tests.test_server import events_until, start_server, ws_url
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 websockets = pytest.importorskip("websockets")
+openai = pytest.importorskip("openai")
 
 
 def remote_stages(base: str) -> list[str]:
@@ -37,6 +39,11 @@ def test_two_thin_replicas_share_conversations_and_never_open_one_twice(tmp_path
             replicas.append(start_server(*remote_stages(base), "--set", f"server.conversation_dir={folder}"))
         (first, first_base), (_, second_base) = replicas
         assert rss_mb(first.pid) < 300, "a replica with every stage remote loads no model"
+        # speech through the replica comes from the server behind it, as any OpenAI client would ask for it
+        api = openai.OpenAI(base_url=f"{first_base}/v1", api_key="x", max_retries=0, timeout=60)
+        wav = api.audio.speech.create(model="tts-1", voice="alloy", input="Hello from the back.", response_format="wav")
+        spoken = read_wav(wav.read(), "replica")
+        assert spoken.sample_rate == 24000 and spoken.duration_s > 0.5
 
         async def conversation() -> str:
             async with websockets.connect(ws_url(first_base)) as ws:
@@ -67,3 +74,17 @@ def test_two_thin_replicas_share_conversations_and_never_open_one_twice(tmp_path
         for process, _ in [*replicas, (backend, base)]:
             process.terminate()
             process.wait(timeout=30)
+
+
+def test_a_streamed_wav_with_no_length_is_read_to_its_end() -> None:
+    """OpenAI streams WAV with 0xFFFFFFFF as the RIFF and data lengths."""
+    import struct
+
+    import numpy as np
+
+    samples = (np.sin(np.arange(2400) / 5) * 16000).astype("<i2").tobytes()
+    pcm16_mono_24k = struct.pack("<IHHIIHH", 16, 1, 1, 24000, 48000, 2, 16)
+    header = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + pcm16_mono_24k
+    streamed = header + b"data" + struct.pack("<I", 0xFFFFFFFF) + samples
+    audio = read_wav(streamed, "test")
+    assert audio.sample_rate == 24000 and len(audio.samples) == 2400
