@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
         "default: the mix, or the clearest channel when they differ",
     )  # fmt: skip
     transcribe.add_argument("--quiet", action="store_true", help="no progress bars")
+    transcribe.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                            help="fan the files out to Ray workers: 'local' (the default) starts Ray on this machine, "
+                                 "an address (ray://HOST:10001) joins a cluster; transcribe.ray_workers")  # fmt: skip
     transcribe.set_defaults(handler=_transcribe)
 
     chat = commands.add_parser("chat", help="chat with the language model in the console (streamed replies)")
@@ -269,31 +272,55 @@ def _transcribe(args: argparse.Namespace) -> int:
 
     from assistant.io.progress import Progress
 
-    pipeline = TranscriptionPipeline.from_config(config)
     failures = len(problems)
     namer = OutputNamer(config)
-    with Progress(inputs, enabled=not args.quiet) as progress:
-        for path in inputs:
-            failures += not _transcribe_one(path, pipeline, namer, progress, debug=args.debug)
+    if args.ray is not None:
+        failures += _transcribe_on_ray(config, args.ray, inputs, namer, quiet=args.quiet, debug=args.debug)
+    else:
+        pipeline = TranscriptionPipeline.from_config(config)
+        with Progress(inputs, enabled=not args.quiet) as progress:
+            for path in inputs:
+                result = _transcribe_here(path, pipeline, progress)
+                failures += not _report(path, result, namer, pipeline.transcriber.description, progress, args.debug)
     if failures:
         print(f"{failures} of {len(inputs) + len(problems)} inputs failed", file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 
-def _transcribe_one(
-    path: Path, pipeline: TranscriptionPipeline, namer: OutputNamer, progress: Progress, *, debug: bool
-) -> bool:
-    """Transcribe one input and write its outputs, printing one line either way; False when it failed.
+def _transcribe_here(path: Path, pipeline: TranscriptionPipeline, progress: Progress) -> FileResult | Exception:
+    try:
+        return pipeline.transcribe_file(path, on_progress=progress.file_progress(path))
+    except Exception as exc:  # one broken file must not stop the batch
+        return exc
+
+
+def _transcribe_on_ray(config: Config, address: str, inputs: list[Path], namer: OutputNamer, *, quiet: bool,
+                       debug: bool) -> int:  # fmt: skip
+    """The files on a pool of Ray workers (assistant.ray_batch), reported as a local run reports them; the count of
+    failed files."""
+    from assistant.io.progress import Progress
+    from assistant.ray_batch import Failure, RayPool
+
+    failures = 0
+    with RayPool(config, address) as pool, Progress(inputs, enabled=not quiet) as progress:
+        progress.print(pool.description)
+        for path, result in pool.transcribe(inputs, progress.running):
+            outcome = result.error if isinstance(result, Failure) else result
+            failures += not _report(path, outcome, namer, pool.model, progress, debug)
+    return failures
+
+
+def _report(path: Path, result: FileResult | Exception, namer: OutputNamer, description: str, progress: Progress,
+            debug: bool) -> bool:  # fmt: skip
+    """Write one input's outputs and print one line either way; False when it failed.
 
     A failure while writing is reported as an output error (``output:``), never as a failed transcription.
     """
     try:
+        if isinstance(result, Exception):
+            return _report_failure(progress, path, result, AsrError.code, debug=debug)
         try:
-            result = pipeline.transcribe_file(path, on_progress=progress.file_progress(path))
-        except Exception as exc:  # one broken file must not stop the batch
-            return _report_failure(progress, path, exc, AsrError.code, debug=debug)
-        try:
-            written = namer.write(path, result, pipeline.transcriber.description)
+            written = namer.write(path, result, description)
         except Exception as exc:  # a full disk or a read-only folder is not the recogniser's fault
             return _report_failure(progress, path, exc, OutputError.code, debug=debug)
     finally:

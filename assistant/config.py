@@ -104,8 +104,10 @@ class TranscribeConfig:
     max_cue_s: float = 7.0  # SRT/VTT: longest time one cue stays on screen, seconds
     audio_track: int | None = None  # which audio stream (0 = first); None = the one that holds the speech
     audio_channel: int | None = None  # which channel of it (0 = first); None = the mix, or the clearest channel
+    ray_workers: int = 0  # --ray: actors on a cluster without GPUs; 0 = half its CPUs (with GPUs: one per GPU)
 
     def __post_init__(self) -> None:
+        _require(self.ray_workers >= 0, "transcribe.ray_workers", self.ray_workers, "0 (auto) or an integer >= 1")
         _require(self.block_s >= 60, "transcribe.block_s", self.block_s, "at least 60 seconds")
         _require(self.max_line_chars >= 10, "transcribe.max_line_chars", self.max_line_chars, "an integer >= 10")
         _require(self.max_line_chars <= 1000, "transcribe.max_line_chars", self.max_line_chars, "an integer <= 1000")

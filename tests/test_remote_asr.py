@@ -77,14 +77,20 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         server: Any = self.server
-        self.rfile.read(int(self.headers["Content-Length"]))
+        request = self.rfile.read(int(self.headers["Content-Length"]))
         with server.lock:
             server.in_flight += 1
             server.most_in_flight = max(server.most_in_flight, server.in_flight)
             status = server.script.pop(0) if server.script else 200
             server.requests += 1
         time.sleep(0.2)  # long enough for the other windows' requests to arrive
-        if status == 200:
+        plain = server.plain_only and b"verbose_json" not in request
+        if server.plain_only and not plain:  # as vLLM 0.7 answered
+            refusal = "Currently only support response_format `text` or `json`, not verbose_json"
+            status, body = 400, {"error": {"message": refusal, "type": "BadRequestError", "code": 400}}
+        elif plain:
+            body = {"text": "Hello there."}
+        elif status == 200:
             body = {"task": "transcribe", "language": "english", "duration": 2.0, "text": "Hello there.",
                     "segments": [{"id": 0, "start": 0.1, "end": 1.2, "text": " Hello there."}],
                     "words": [{"word": "Hello", "start": 0.1, "end": 0.5},
@@ -110,6 +116,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 def fake() -> Iterator[Any]:
     server: Any = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
     server.lock, server.script, server.requests, server.in_flight, server.most_in_flight = threading.Lock(), [], 0, 0, 0
+    server.plain_only = False
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -140,6 +147,17 @@ def test_a_refusal_is_reported_with_the_servers_message_and_what_to_check(fake: 
     with pytest.raises(AsrError, match=r"HTTP 401: scripted failure 401 \(check asr.api_key\)"):
         fake_pipeline(fake, max_in_flight=1, max_retries=3).transcribe_file(four_windows)
     assert fake.requests == 1  # 401 is not retried
+
+
+def test_a_server_without_verbose_json_gets_plain_json_and_each_window_is_one_segment(
+    fake: Any, four_windows: Path
+) -> None:
+    fake.plain_only = True
+    result = fake_pipeline(fake, max_in_flight=1).transcribe_file(four_windows)
+    segments = result.transcript.segments
+    assert len(segments) == 4 and all(s.text.strip() == "Hello there." for s in segments)
+    assert fake.requests == 1 + 4  # refused once, then json for every window
+    assert segments[1].start_s > 3.0 and segments[1].end_s - segments[1].start_s < 6.0  # the window's own span
 
 
 def test_an_unreachable_server_is_named() -> None:

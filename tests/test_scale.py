@@ -12,7 +12,7 @@ import pytest
 
 from assistant.conversation import Conversation
 from assistant.tts.openai_remote import read_wav
-from tests.conftest import require_offline_models
+from tests.conftest import require_offline_models, speak
 from tests.test_load import rss_mb
 from tests.test_server import events_until, start_server, ws_url
 
@@ -88,3 +88,31 @@ def test_a_streamed_wav_with_no_length_is_read_to_its_end() -> None:
     streamed = header + b"data" + struct.pack("<I", 0xFFFFFFFF) + samples
     audio = read_wav(streamed, "test")
     assert audio.sample_rate == 24000 and len(audio.samples) == 2400
+
+
+def test_batch_on_a_local_ray_instance_writes_what_a_local_run_writes(tmp_path: Path) -> None:
+    """`assistant transcribe --ray` (two actors on a local Ray instance) against the plain local run: the same text
+    for every file, the same failure line for a broken one, the same exit code."""
+    import subprocess
+    import sys
+
+    require_offline_models("whisper-base")
+    pytest.importorskip("ray")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for index, sentence in enumerate(["The budget for next year is ready.", "Lunch is served at noon on Fridays.",
+                                      "We will hire two engineers in March."]):  # fmt: skip
+        speak(sentence, inputs / f"clip{index}.wav")
+    (inputs / "broken.mp3").write_bytes(b"not audio at all")
+    runs = {}
+    for name, extra in {"local": [], "ray": ["--ray", "--set", "transcribe.ray_workers=2"]}.items():
+        out = tmp_path / name
+        command = [sys.executable, "-m", "assistant", "transcribe", str(inputs), "--format", "json", "--output-dir",
+                   str(out), "--set", "asr.threads=1", "--quiet", *extra]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        texts = {p.stem: json.loads(p.read_text())["text"] for p in out.glob("*.json")}
+        failed = [line for line in done.stderr.splitlines() if line.startswith("audio-decode:")]
+        runs[name] = (done.returncode, texts, failed)
+    assert runs["ray"] == runs["local"], runs
+    code, texts, failed = runs["local"]
+    assert code == 1 and len(texts) == 3 and len(failed) == 1 and str(inputs / "broken.mp3") in failed[0]

@@ -47,6 +47,7 @@ class OpenAITranscriber:
             max_retries=config.max_retries,
         )
         self._pool = ThreadPoolExecutor(config.max_in_flight, thread_name_prefix="asr-remote")
+        self._plain = False  # the server refused verbose_json (older vLLM): plain json, one segment per window
 
     @property
     def description(self) -> str:
@@ -76,26 +77,36 @@ class OpenAITranscriber:
     def _one(self, audio: Audio, language: str | None, task: Task, word_timestamps: bool) -> Transcript:
         options: dict[str, Any] = {
             "model": self._config.model, "file": ("window.wav", _wav(audio), "audio/wav"),
-            "response_format": "verbose_json", "temperature": self._config.temperatures[0],
+            "response_format": "json" if self._plain else "verbose_json", "temperature": self._config.temperatures[0],
         }  # fmt: skip
         if self._config.initial_prompt:
             options["prompt"] = self._config.initial_prompt
+        if task != "translate" and language:
+            options["language"] = language
+        if task != "translate" and word_timestamps and not self._plain:
+            options["timestamp_granularities"] = ["segment", "word"]
         try:
-            if task == "translate":
-                response = self._client.audio.translations.create(**options)
-            else:
-                if language:
-                    options["language"] = language
-                if word_timestamps:
-                    options["timestamp_granularities"] = ["segment", "word"]
-                response = self._client.audio.transcriptions.create(**options)
+            response = self._request(task, options)
+        except self._openai.BadRequestError as exc:
+            if self._plain or "verbose_json" not in _message_of(exc):
+                raise AsrError(self._refused(exc, audio)) from None
+            self._plain = True  # the server knows only json: the window becomes one segment (no word times)
+            return self._one(audio, language, task, word_timestamps)
         except self._openai.APIStatusError as exc:
-            raise AsrError(f"{self._base_url} refused a {audio.duration_s:.1f} s window with HTTP {exc.status_code}: "
-                           f"{_message_of(exc)}{_hint(exc.status_code)}") from None  # fmt: skip
+            raise AsrError(self._refused(exc, audio)) from None
         except self._openai.APIConnectionError as exc:  # includes timeouts, after the retries
             raise AsrError(f"cannot reach {self._base_url} ({type(exc).__name__}: {exc}); is the server up? "
                            f"(retried {self._config.max_retries} times, asr.max_retries)") from None  # fmt: skip
         return transcript_of(response, audio.duration_s, "en" if task == "translate" else language)
+
+    def _request(self, task: Task, options: dict[str, Any]) -> Any:
+        if task == "translate":
+            return self._client.audio.translations.create(**options)
+        return self._client.audio.transcriptions.create(**options)
+
+    def _refused(self, exc: Any, audio: Audio) -> str:
+        return (f"{self._base_url} refused a {audio.duration_s:.1f} s window with HTTP {exc.status_code}: "
+                f"{_message_of(exc)}{_hint(exc.status_code)}")  # fmt: skip
 
 
 def transcript_of(response: Any, duration_s: float, language: str | None) -> Transcript:

@@ -61,6 +61,13 @@ class Progress:
 
         return update
 
+    def running(self, seconds: dict[Path, float]) -> None:
+        """Several files at once (Ray workers): the overall bar shows finished files plus the seconds done of each
+        file in flight."""
+        if self._overall is not None:
+            self._overall.n = min(round(self._done_before + sum(seconds.values()), 1), self._overall.total)
+            self._overall.refresh()
+
     def file_done(self, path: Path) -> None:
         self._done_before += self._durations.get(path, 0.0)
         if self._overall is not None:
