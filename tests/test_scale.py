@@ -116,3 +116,27 @@ def test_batch_on_a_local_ray_instance_writes_what_a_local_run_writes(tmp_path: 
     assert runs["ray"] == runs["local"], runs
     code, texts, failed = runs["local"]
     assert code == 1 and len(texts) == 3 and len(failed) == 1 and str(inputs / "broken.mp3") in failed[0]
+
+
+def test_the_compose_deployment_matches_the_replica_configuration() -> None:
+    """What can be checked of docs/deploy without Docker: the replica config points at the compose services, and the
+    files the compose file and the Dockerfile name exist."""
+    from urllib.parse import urlparse
+
+    import yaml
+
+    from assistant.config import load_config
+
+    root = Path(__file__).parents[1]
+    compose = yaml.safe_load((root / "docs" / "deploy" / "compose.yaml").read_text())
+    replica = load_config(root / "configs" / "replica-vllm.yaml")
+    services = compose["services"]
+    for stage in (replica.asr, replica.llm, replica.tts):
+        assert urlparse(stage.base_url).hostname in services, stage
+    assert replica.server.conversation_dir == "/conversations"
+    assert "conversations:/conversations" in services["assistant"]["volumes"]
+    dockerfile = (root / "docs" / "deploy" / "Dockerfile").read_text()
+    assert "configs/replica-vllm.yaml" in dockerfile and (root / "docs" / "deploy" / "nginx.conf").is_file()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            assert all((root / part).exists() for part in line.split()[1:-1]), line
