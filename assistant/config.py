@@ -307,6 +307,8 @@ class ServerConfig:
     request_timeout_s: float = 60.0  # to send a whole HTTP request (headers and body); slower clients are cut off
     idle_timeout_s: float = 300.0  # a WebSocket session with no message and no reply for this long is closed
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides the server's own address
+    allowed_hosts: tuple[str, ...] = ()  # Host names clients may use besides the bound address (a TLS proxy's name)
+    docs: bool = False  # serve /docs and /openapi.json (the route listing; behind the API key when one is set)
     conversation_dir: str | None = None  # each WebSocket session's conversation saved here after every turn
     output_modalities: tuple[Literal["text", "audio"], ...] = ("audio",)  # realtime replies: spoken (the API's) or text
     # per client (API key, else address): None = unset on loopback, 120 when reachable from other machines; 0 = off

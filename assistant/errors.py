@@ -5,6 +5,11 @@ The CLI prints ``f"{code}: {message}"`` and nothing else; servers send the code 
 
 from __future__ import annotations
 
+import re
+
+# an absolute file path in a message (not a URL's path, not an API route): only its last part is shown to clients
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w/.:])/(?!v1/)(?:[^\s'"/]+/)+([^\s'"/]*)""")
+
 
 class AssistantError(Exception):
     """Base of every error this project raises on purpose."""
@@ -114,3 +119,16 @@ class ShutdownError(AssistantError):
     """The server is stopping (SIGTERM / SIGINT): work in flight is cancelled and new work refused."""
 
     code = "shutting-down"
+
+
+def public_message(exc: BaseException) -> str:
+    """What a client (a remote user) may read of an error: the message with absolute paths on the server reduced to
+    their last part (a conversation's file name, never the directory it lives in)."""
+    message = exc.message if isinstance(exc, AssistantError) else str(exc)
+    return _ABSOLUTE_PATH.sub(r"\1", message)
+
+
+class UnsupportedMediaTypeError(AssistantError):
+    """A body of the wrong content type (a JSON route sent ``text/plain``, an upload that is not multipart)."""
+
+    code = "unsupported-media-type"

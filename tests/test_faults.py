@@ -203,7 +203,8 @@ def test_client_killed_mid_upload_leaves_nothing_behind(server: RunningServer) -
         boundary = "xyz"
         head = (f"--{{boundary}}\\r\\nContent-Disposition: form-data; name=\\"file\\"; filename=\\"a.wav\\"\\r\\n"
                 "Content-Type: audio/wav\\r\\n\\r\\n").encode()
-        s.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 5000000\\r\\n"
+        s.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\\r\\nHost: 127.0.0.1:{port}\\r\\n"
+                   f"Content-Length: 5000000\\r\\n"
                    f"Content-Type: multipart/form-data; boundary={{boundary}}\\r\\n\\r\\n").encode() + head)
         s.sendall(b"\\0" * 2_000_000)
         print("sent", flush=True)

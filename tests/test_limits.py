@@ -44,6 +44,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process.wait(timeout=30)
 
 
+def host_of(base: str) -> str:
+    """The Host header a client of ``base`` sends (the server refuses any other: DNS rebinding)."""
+    return base.removeprefix("http://")
+
+
 def port_of(base: str) -> int:
     return int(base.rsplit(":", 1)[1])
 
@@ -56,7 +61,7 @@ def open_slow_request(base: str, head: bytes, body_part: bytes = b"") -> socket.
 
 
 def slow_body(base: str) -> socket.socket:
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALPHA}\r\n"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host_of(base)}\r\nAuthorization: Bearer {ALPHA}\r\n"
             "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()  # fmt: skip
     return open_slow_request(base, head, b'{"messages": [')
 
@@ -81,7 +86,7 @@ def health(base: str) -> int:
 def test_slow_loris_clients_get_408_and_everyone_else_is_served(server: str) -> None:
     started = time.monotonic()
     silent = open_slow_request(server, b"")  # connects and sends nothing
-    trickled_headers = open_slow_request(server, b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    trickled_headers = open_slow_request(server, f"GET /health HTTP/1.1\r\nHost: {host_of(server)}\r\n".encode())
     trickled_body = slow_body(server)
     time.sleep(0.3)
     assert health(server) == 200  # served while three slow clients hold connections
@@ -90,7 +95,7 @@ def test_slow_loris_clients_get_408_and_everyone_else_is_served(server: str) -> 
         assert answer.startswith(b"HTTP/1.1 408") and b"server.request_timeout_s" in answer, answer[:200]
     assert time.monotonic() - started < DEADLINE_S + 3
     # a kept-alive connection gets the same deadline for its next request
-    keep_alive = open_slow_request(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    keep_alive = open_slow_request(server, f"GET /health HTTP/1.1\r\nHost: {host_of(server)}\r\n\r\n".encode())
     time.sleep(0.5)  # the whole first response has arrived
     keep_alive.sendall(b"GET /health HTTP/1.1\r\n")
     answers = answer_of(keep_alive)

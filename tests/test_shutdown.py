@@ -114,8 +114,8 @@ def test_new_connections_are_refused_at_once_and_a_second_signal_exits_without_w
     port = int(base.rsplit(":", 1)[1])
     try:
         slow = socket.create_connection(("127.0.0.1", port), timeout=10)
-        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{")  # fmt: skip
+        slow.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+                     + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")  # fmt: skip
         time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
         time.sleep(1.0)

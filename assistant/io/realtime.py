@@ -37,6 +37,7 @@ from assistant.errors import (
     OutputError,
     RateLimitError,
     ShutdownError,
+    public_message,
 )
 from assistant.messages import (
     SAMPLE_RATE,
@@ -117,10 +118,7 @@ class RealtimeSession:
     async def run(self) -> None:
         from assistant.io.server import client_of
 
-        if not self._origin_allowed():
-            await self._ws.close(code=CLOSE_POLICY, reason="origin not allowed")
-            return
-        await self._ws.accept()
+        await self._ws.accept()  # Host and Origin were checked before (assistant.io.access)
         if self._services.shutdown.stopping:
             await self._goodbye()
             return
@@ -215,14 +213,6 @@ class RealtimeSession:
             await asyncio.to_thread(self.voice.chat.conversation.save, self._saved_as)
         except AssistantError as exc:
             await self._error(OutputError(f"the reply was not saved: {exc.message}"))
-
-    def _origin_allowed(self) -> bool:
-        origin = self._ws.headers.get("origin")
-        if origin is None:  # not a browser
-            return True
-        host = self._ws.headers.get("host", "")
-        allowed = {f"http://{host}", f"https://{host}", *self._config.server.allowed_origins}
-        return origin in allowed
 
     async def _authorized(self) -> str | None:
         """The client's API key ("" when the server has none), or None after refusing it."""
@@ -940,8 +930,8 @@ def _error_fields(exc: BaseException, event_id: str | None = None, code: str | N
     our_code = getattr(exc, "code", "error")
     client_side = our_code in ("config", "limit", "unauthorized", "conversation", "prompt-too-long")
     kind = "invalid_request_error" if client_side else "server_error"
-    message = exc.message if isinstance(exc, AssistantError) else str(exc)
-    return {"type": kind, "code": code or our_code, "message": message, "param": None, "event_id": event_id}
+    return {"type": kind, "code": code or our_code, "message": public_message(exc), "param": None,
+            "event_id": event_id}  # fmt: skip
 
 
 def _string(event: dict[str, Any], key: str, where: str) -> str:

@@ -13,10 +13,10 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
-import ipaddress
 import json
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -27,6 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from assistant import registry
@@ -45,7 +46,10 @@ from assistant.errors import (
     LimitError,
     RateLimitError,
     ShutdownError,
+    UnsupportedMediaTypeError,
+    public_message,
 )
+from assistant.io.access import AccessGuard, AccessPolicy, is_loopback
 from assistant.io.metrics import ServerMetrics
 from assistant.io.rate_limit import RateLimits
 from assistant.io.shutdown import SHUTDOWN_MESSAGE, GracefulServer, Shutdown
@@ -93,7 +97,7 @@ SPEECH_FORMATS = tuple(FORMATS)  # POST /v1/audio/speech response_format: mp3 (d
 MAX_SPEECH_CHARS = 4096  # POST /v1/audio/speech input, OpenAI's limit
 _STATUS = {"config": 400, "prompt-too-long": 400, "audio-decode": 400, "limit": 413, "busy": 503,
            "unauthorized": 401, "template": 400, "conversation": 400, "rate_limit_exceeded": 429,
-           "shutting-down": 503}  # fmt: skip
+           "shutting-down": 503, "unsupported-media-type": 415}  # fmt: skip
 WEB_DIR = Path(__file__).with_name("web")
 
 
@@ -126,7 +130,7 @@ class Services:
         limits = self.config.server
         self.rate_limits = RateLimits.from_settings(limits.rate_limit_requests_per_minute,
                                                     limits.rate_limit_audio_minutes_per_hour,
-                                                    exposed=not _is_loopback(limits.host))  # fmt: skip
+                                                    exposed=not is_loopback(limits.host))  # fmt: skip
 
     async def stop(self, timeout_s: float) -> None:
         """The first SIGTERM/SIGINT: refuse queued and new model work, cancel generations, let sessions say goodbye
@@ -232,27 +236,31 @@ def api_keys_of(config: Config) -> tuple[str, ...]:
     return tuple(dict.fromkeys(key for key in (first, *config.server.api_keys) if key))
 
 
+MIN_KEY_CHARS = 16  # an API key guessable in a few tries is no key
+
+
 def check_exposure(config: Config) -> None:
-    """Binding beyond loopback without an API key would hand the models to the whole network."""
-    if not _is_loopback(config.server.host) and not api_keys_of(config):
+    """Binding beyond loopback without an API key would hand the models to the whole network; a short key barely
+    less so."""
+    if is_loopback(config.server.host):
+        return
+    keys = api_keys_of(config)
+    if not keys:
         raise ConfigError(
             f"server.host {config.server.host!r} is reachable from other machines: set server.api_key (or "
             "ASSISTANT_API_KEY) so that only your clients can use it, or bind 127.0.0.1"
         )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    if any(len(key) < MIN_KEY_CHARS for key in keys):
+        raise ConfigError(
+            f"server.host {config.server.host!r} is reachable from other machines and an API key is shorter than "
+            f'{MIN_KEY_CHARS} characters; use long random keys, e.g. python -c "import secrets; '
+            'print(secrets.token_urlsafe(24))"'
+        )
 
 
 def error_body(exc: AssistantError) -> dict[str, Any]:
-    """OpenAI's error shape, with our stable code."""
-    return {"error": {"message": exc.message, "type": exc.code, "code": exc.code}}
+    """OpenAI's error shape (message, type, param, code), with our stable code; no absolute server paths."""
+    return {"error": {"message": public_message(exc), "type": exc.code, "param": None, "code": exc.code}}
 
 
 def sampling_from_request(base: SamplingConfig, body: dict[str, Any]) -> SamplingConfig:
@@ -322,12 +330,28 @@ def speech_from_request(body: dict[str, Any], speech: Speech) -> SpeechRequest:
 
 def create_app(services: Services) -> FastAPI:
     config = services.config
-    app = FastAPI(title="assistant", version="0.1.0", docs_url=None, redoc_url=None)
+    listing = config.server.docs  # the route listing only when asked for (and behind the key)
+    app = FastAPI(title="assistant", version="0.1.0", docs_url="/docs" if listing else None, redoc_url=None,
+                  openapi_url="/openapi.json" if listing else None)  # fmt: skip
     limit_bytes = int(config.server.max_upload_mb * 1024 * 1024)
+    policy = AccessPolicy.for_server(config.server.host, config.server.port, config.server.allowed_hosts,
+                                     config.server.allowed_origins)  # fmt: skip
+    app.add_middleware(AccessGuard, policy=policy, limit_bytes=limit_bytes,
+                       on_refused=lambda code: services.metrics.errors.labels(code=code).inc())  # fmt: skip
 
     @app.exception_handler(AssistantError)
     async def assistant_error(request: Request, exc: AssistantError) -> JSONResponse:
         return error_response(services, exc, 500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (unknown route 404, wrong method 405, a malformed multipart body 400) in our
+        error shape, not its ``{"detail": ...}``."""
+        code = {400: "bad-request", 404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        services.metrics.errors.labels(code=code).inc()
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def client_left(request: Request, exc: ClientDisconnect) -> Response:
@@ -346,7 +370,7 @@ def create_app(services: Services) -> FastAPI:
         try:
             services.shutdown.check()
             api = request.url.path.startswith("/v1/")
-            if api or request.url.path == "/metrics":
+            if api or request.url.path in ("/metrics", "/docs", "/openapi.json"):
                 key = _check_key(services, request.headers.get("authorization"))
                 request.state.client = client_of(key, request.client)
                 if api:
@@ -376,7 +400,11 @@ def create_app(services: Services) -> FastAPI:
         return Response(body, media_type=media_type)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        """Up or not, for anyone; the models and open sessions only for a caller with the API key."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not services.api_keys or scheme.lower() != "bearer" or not services.key_of(token.strip()):
+            return {"status": "ok"}
         return {"status": "ok", "asr": config.asr.model, "llm": config.llm.model, "sessions": services.sessions}
 
     @app.get("/v1/models")
@@ -389,7 +417,13 @@ def create_app(services: Services) -> FastAPI:
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Any:
-        form = await request.form(max_part_size=limit_bytes)
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
+            raise UnsupportedMediaTypeError(
+                f"Content-Type {content_type or 'none'!r}: send the audio as multipart/form-data with a 'file' field"
+            )
+        # the body is counted as it arrives (AccessGuard); text fields are small, one file
+        form = await request.form(max_files=1, max_fields=32, max_part_size=64 * 1024)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ConfigError("file: send the audio as a multipart file field named 'file'")
@@ -445,7 +479,12 @@ def create_app(services: Services) -> FastAPI:
         def generate(cancel: threading.Event) -> Any:
             return services.chat_model.stream(messages, params, continue_last=continue_last, cancel=cancel)
 
-        if not body.get("stream"):
+        stream, stream_options = body.get("stream"), body.get("stream_options")
+        if stream is not None and not isinstance(stream, bool):
+            raise ConfigError(f"stream: expected true or false, got {stream!r}")
+        if stream_options is not None and not isinstance(stream_options, dict):
+            raise ConfigError('stream_options: expected an object such as {"include_usage": true}')
+        if not stream:
 
             def whole(cancel: threading.Event) -> tuple[str, Any]:
                 reply = generate(cancel)
@@ -467,7 +506,7 @@ def create_app(services: Services) -> FastAPI:
                              "finish_reason": "length" if stats.finish_reason == "length" else "stop"}],
                 "usage": _usage(stats),
             }  # fmt: skip
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = bool((stream_options or {}).get("include_usage"))
         holder: dict[str, Any] = {}
 
         def deltas(cancel: threading.Event) -> Any:
@@ -538,7 +577,11 @@ def create_app(services: Services) -> FastAPI:
 
 
 async def json_object(request: Request, expected: str) -> dict[str, Any]:
-    """The request's JSON body, which must be an object; ConfigError naming ``expected`` otherwise."""
+    """The request's JSON body, which must be an object sent as JSON (a page's ``text/plain`` POST, which needs no
+    CORS preflight, is refused: 415); ConfigError naming ``expected`` otherwise."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaTypeError(f"Content-Type {media_type or 'none'!r}: send {expected} as application/json")
     try:
         body = await request.json()
     except ValueError:
@@ -571,13 +614,13 @@ def client_of(key: str, address: Any) -> str:
 
 def error_response(services: Services, exc: AssistantError, default_status: int) -> JSONResponse:
     """An error in OpenAI's shape, counted in the metrics; 429 carries Retry-After (and the openai SDK's
-    retry-after-ms), 503 on stopping closes the connection."""
+    retry-after-ms); 503 on stopping and 413 close the connection (the rest of a body too big is not read)."""
     services.metrics.errors.labels(code=exc.code).inc()
     headers = {}
     if isinstance(exc, RateLimitError):
         wait = exc.retry_after_s
         headers = {"retry-after": str(math.ceil(wait)), "retry-after-ms": str(round(wait * 1000))}
-    elif isinstance(exc, ShutdownError):
+    elif isinstance(exc, ShutdownError | LimitError):  # stopping; or a body too big to read on: hang up
         headers = {"connection": "close"}
     return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, default_status), headers=headers)
 
@@ -657,6 +700,10 @@ def serve(config: Config) -> None:
     services = Services.load(config)
     limits = config.server
     print(f"assistant serving on http://{limits.host}:{limits.port}/ (Ctrl-C to stop)", flush=True)
+    if not is_loopback(limits.host):
+        print("assistant serve: reachable from other machines over plain HTTP: API keys and conversations travel in "
+              "clear text; put it behind a TLS reverse proxy (docs/reliability.md, Security) and set "
+              "server.allowed_hosts to the proxy's name", file=sys.stderr, flush=True)  # fmt: skip
     # frames up to 4x the message limit reach the session, which answers with an `error` event and goes on;
     # beyond that the WebSocket layer closes the connection with 1009 (message too big) before buffering it.
     # limit_concurrency is the last guard (plain 503) behind our own session and request limits.
