@@ -130,3 +130,49 @@ def name_fields(path: str | os.PathLike[str], key: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         fields[f"{key}_bytes"] = quote(raw, safe="/")
     return fields
+
+
+class ExclusiveLock:
+    """An OS lock on ``path`` (created empty if missing) held by one process at a time, freed by ``release`` or when
+    the process dies. flock on a descriptor opened read-only: unlike filelock's, which opens the file for writing,
+    it needs no write permission on the lock file and does not keep the file system from being remounted read-only.
+    Where flock does not exist (Windows) it falls back to the filelock package."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+        self._fallback: Any = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting: False when another process (or another lock in this one) holds it.
+        OSError when the lock file cannot be made (a read-only or full directory)."""
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import filelock
+
+            self._fallback = filelock.FileLock(self._path, mode=PRIVATE_MODE)
+            try:
+                self._fallback.acquire(timeout=0)
+            except filelock.Timeout:
+                return False
+            return True
+        fd = os.open(self._path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), PRIVATE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+        if self._fallback is not None:
+            self._fallback.release()
+            self._fallback = None

@@ -41,6 +41,15 @@ def health(base: str) -> dict[str, Any]:
         return dict(json.loads(response.read()))
 
 
+def open_sessions(base: str) -> float:
+    """The server's open-sessions gauge, read with Prometheus' own parser (/health tells strangers only "ok")."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return float(next(s.value for f in families for s in f.samples if s.name == "assistant_open_sessions"))
+
+
 async def typed_turn(ws: Any, text: str) -> list[dict[str, Any]]:
     await ws.send(json.dumps({"type": "conversation.item.create", "item": {"role": "user", "content": text}}))
     await ws.send(json.dumps({"type": "response.create"}))
@@ -259,7 +268,7 @@ def test_client_killed_mid_reply_frees_its_session_and_the_worker(server: Runnin
     assert talker.stdout is not None and talker.stdout.readline().strip() == "streaming"
     talker.send_signal(signal.SIGKILL)
     talker.wait()
-    wait_for(lambda: health(base)["sessions"] == 0, timeout_s=15)
+    wait_for(lambda: open_sessions(base) == 0, timeout_s=15)
 
     async def next_client() -> None:
         started = time.monotonic()
@@ -414,7 +423,8 @@ def test_kill_9_of_the_server_during_a_save_keeps_the_conversation_whole(tmp_pat
         assert len(after) >= before and (len(after) - before) % 2 == 0, (round_number, before, len(after))
     assert len(Conversation.load(folder / "long-talk.json").messages()) > initial  # turns were saved between kills
     leftovers = [p.name for p in folder.iterdir() if p.name != "long-talk.json"]
-    assert all(name.endswith(".partial") for name in leftovers), leftovers  # only a torn temporary, never the file
+    # only a torn temporary (and the conversation's lock file, empty), never the file itself
+    assert all(name.endswith((".partial", ".json.lock")) for name in leftovers), leftovers
 
 
 async def talk_until_killed(base: str, process: subprocess.Popen, after_s: float) -> None:

@@ -49,6 +49,7 @@ from assistant.errors import (
     UnsupportedMediaTypeError,
     public_message,
 )
+from assistant.files import ExclusiveLock
 from assistant.io.access import AccessGuard, AccessPolicy, is_loopback
 from assistant.io.metrics import ServerMetrics
 from assistant.io.rate_limit import RateLimits
@@ -116,7 +117,7 @@ class Services:
     sessions: int = 0
     sessions_by_key: dict[str, int] = dataclasses.field(default_factory=dict)
     requests: int = 0
-    open_conversations: dict[Path, Any] = dataclasses.field(default_factory=dict)  # path -> its held FileLock
+    open_conversations: dict[Path, ExclusiveLock | None] = dataclasses.field(default_factory=dict)  # with its lock
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # uploads are transcribed one at a time (decoding and the VAD run beside the worker; their memory is a block's)
     bulk: asyncio.Semaphore = dataclasses.field(default_factory=lambda: asyncio.Semaphore(1))
@@ -193,23 +194,21 @@ class Services:
 
     def claim_conversation(self, path: Path) -> None:
         """One session at a time per saved conversation, across processes: two writers would each drop the other's
-        turns. Replicas sharing ``server.conversation_dir`` hold an OS file lock (``<id>.json.lock``, flock through
-        the filelock package) for the session's life; the OS frees it if the process dies. A directory where no lock
-        file can be made (read-only, full) leaves the claim to this process: saves then fail with their own error."""
-        import filelock
-
+        turns. Replicas sharing ``server.conversation_dir`` hold an OS file lock (``<id>.json.lock``, flock) for
+        the session's life; the OS frees it if the process dies. A directory where no lock file can be made
+        (read-only, full) leaves the claim to this process: saves then fail with their own error."""
         busy = LimitError(f"conversation '{path.stem}' is open in another session; close that one first")
         with self.lock:
             if path in self.open_conversations:
                 raise busy
-            held: Any = filelock.FileLock(path.with_name(path.name + ".lock"), mode=0o600)
+            held: ExclusiveLock | None = ExclusiveLock(path.with_name(path.name + ".lock"))
             try:
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                held.acquire(timeout=0)
-            except filelock.Timeout:
-                raise busy from None
+                acquired = held.acquire()
             except OSError:
-                held = None
+                held, acquired = None, True
+            if not acquired:
+                raise busy
             self.open_conversations[path] = held
 
     def release_conversation(self, path: Path) -> None:
