@@ -311,7 +311,8 @@ class ServerConfig:
     docs: bool = False  # serve /docs and /openapi.json (the route listing; behind the API key when one is set)
     conversation_dir: str | None = None  # each WebSocket session's conversation saved here after every turn
     output_modalities: tuple[Literal["text", "audio"], ...] = ("audio",)  # realtime replies: spoken (the API's) or text
-    # per client (API key, else address): None = unset on loopback, 120 when reachable from other machines; 0 = off
+    # per client (API key, else address): None = unset on loopback, 120 req/min and 240 audio min/h when reachable
+    # from other machines; 0 = off
     rate_limit_requests_per_minute: int | None = None  # HTTP requests under /v1, WebSocket connects, response.create
     rate_limit_audio_minutes_per_hour: float | None = None  # uploaded files and Realtime input audio
     shutdown_timeout_s: float = 5.0  # on SIGTERM/SIGINT: work in flight gets this long to end; exit is forced 3 s later
@@ -324,7 +325,8 @@ class ServerConfig:
             _require(getattr(self, name) > 0, f"server.{name}", getattr(self, name), "a positive number")
         for name in ("rate_limit_requests_per_minute", "rate_limit_audio_minutes_per_hour"):
             value = getattr(self, name)
-            _require(value is None or value >= 0, f"server.{name}", value, "a number >= 0 (0 turns the limit off)")
+            _require(value is None or (math.isfinite(value) and value >= 0), f"server.{name}", value,
+                     "a number >= 0 (0 turns the limit off)")  # fmt: skip
         _require(0 < self.shutdown_timeout_s <= 60, "server.shutdown_timeout_s", self.shutdown_timeout_s,
                  "seconds, more than 0 and at most 60")  # fmt: skip
         _require(self.max_message_kb >= 1, "server.max_message_kb", self.max_message_kb, "an integer >= 1")

@@ -88,8 +88,9 @@ class ModelWorker:
     async def run(self, job: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self.submit(job))
 
-    async def stream(self, make: Callable[[], Iterator[str]], cancel: threading.Event) -> AsyncIterator[str]:
-        """Run ``make()`` on the worker and yield its items here as they come; leaving early sets ``cancel``."""
+    def stream(self, make: Callable[[], Iterator[str]], cancel: threading.Event) -> AsyncIterator[str]:
+        """Queue ``make()`` on the worker now (BusyError at once when the queue is full, before any byte of a
+        response) and return an async iterator of its items as they come; leaving it early sets ``cancel``."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[object] = asyncio.Queue()
 
@@ -108,13 +109,7 @@ class ModelWorker:
                 loop.call_soon_threadsafe(items.put_nowait, _DONE)
 
         self.submit(produce).add_done_callback(not_run)
-        try:
-            while (item := await items.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item  # type: ignore[misc]
-        finally:
-            cancel.set()  # a client that went away stops the generation; the worker is free again
+        return _drain(items, cancel)
 
     @property
     def pending(self) -> int:
@@ -214,3 +209,13 @@ class ModelWorker:
             return
         for (_, f), result in zip(live, results, strict=True):
             f.set_result(result)
+
+
+async def _drain(items: asyncio.Queue[object], cancel: threading.Event) -> AsyncIterator[str]:
+    try:
+        while (item := await items.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        cancel.set()  # a client that went away stops the generation; the worker is free again

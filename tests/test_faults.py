@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from assistant.conversation import Conversation
-from tests.conftest import require, require_offline_models, require_tool, speak
+from tests.conftest import meeting_speech, require, require_offline_models, require_tool, speak
 from tests.test_server import ANSWERED, events_until, free_port, start_server, ws_url
 
 pytestmark = [pytest.mark.real_model, pytest.mark.reliability]
@@ -228,6 +228,22 @@ def test_client_killed_mid_upload_leaves_nothing_behind(server: RunningServer) -
     wait_for(lambda: spooled_uploads(server) == 0)  # the partial upload was dropped, its file closed
     assert not any(server.uploads.iterdir())
     assert health(base)["status"] == "ok"
+
+
+def test_a_client_that_leaves_mid_transcription_stops_its_work(server: RunningServer, tmp_path: Path) -> None:
+    """Uploads are transcribed one at a time: if an abandoned one ran on, the next client's upload would wait for
+    all of it (the trial saw a 300 s client timeout, then the SDK's retry queued the same file behind itself)."""
+    long_file, _ = meeting_speech(10, tmp_path)  # about 40 s of work on this CPU
+    short = speak("The budget is ready.", tmp_path / "short.wav")
+    impatient = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0, timeout=4)
+    with pytest.raises(openai.APITimeoutError), long_file.open("rb") as audio:
+        impatient.audio.transcriptions.create(model="whisper-1", file=audio)  # gives up after 4 s and hangs up
+    started = time.monotonic()
+    patient = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0, timeout=120)
+    with short.open("rb") as audio:
+        text = patient.audio.transcriptions.create(model="whisper-1", file=audio).text
+    waited = time.monotonic() - started
+    assert "budget" in text.lower() and waited < 15, f"the next upload waited {waited:.1f} s"
 
 
 def spooled_uploads(server: RunningServer) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from assistant.audio.decode import probe
 from tests.conftest import require_offline_models, require_tool, speak
 from tests.test_server import events_until, start_server, ws_url
 
@@ -219,7 +220,7 @@ def rated_server() -> Iterator[str]:
     """A second server with rate limits per key (three keys, so each attack has a fresh allowance)."""
     require_offline_models("smollm2-135m", "whisper-base")
     process, base = start_server(
-        "--set", f"server.api_keys=[{ALPHA}, {BETA}, gamma-key-0003]",
+        "--set", f"server.api_keys=[{ALPHA}, {BETA}, gamma-key-0003, delta-key-0004]",
         "--set", f"server.rate_limit_requests_per_minute={REQUESTS_PER_MINUTE}",
         "--set", f"server.rate_limit_audio_minutes_per_hour={AUDIO_MINUTES_PER_HOUR}",
     )  # fmt: skip
@@ -290,6 +291,36 @@ def test_realtime_audio_over_the_allowance_is_dropped_with_one_error(rated_serve
             seen = await events_until(ws, "input_audio_buffer.cleared")
             errors = [e["error"] for e in seen if e["type"] == "error"]
             assert len(errors) == 1 and errors[0]["code"] == "rate_limit_exceeded", errors
-            assert "input audio is dropped until then" in errors[0]["message"]
+            assert "input audio is dropped for 3600 s" in errors[0]["message"]
 
     asyncio.run(stream_audio())
+
+
+def test_a_file_that_declares_no_duration_is_held_to_what_the_allowance_has_left(
+    rated_server: str, tmp_path: Path
+) -> None:
+    """Matroska written live declares no duration: it cannot be counted before decoding, so it is held while
+    decoding to the allowance left (the trial found such files went through with none left)."""
+    ffmpeg = require_tool("ffmpeg")
+
+    def undeclared(seconds: int) -> Path:
+        target = tmp_path / f"piped{seconds}.mka"
+        with target.open("wb") as out:
+            subprocess.run([ffmpeg, "-loglevel", "error", "-f", "lavfi", "-i", "sine=f=300:r=16000", "-t",
+                            str(seconds), "-c:a", "libopus", "-live", "1", "-f", "matroska", "pipe:1"],
+                           stdout=out, check=True)  # fmt: skip
+        assert probe(target).declared_s == 0.0
+        return target
+
+    api = openai.OpenAI(base_url=f"{rated_server}/v1", api_key="delta-key-0004", max_retries=0, timeout=60)
+    with pytest.raises(openai.RateLimitError) as refused, undeclared(20).open("rb") as audio:
+        api.audio.transcriptions.create(model="whisper-1", file=audio)  # 20 s against 12 s left
+    assert "more than the 12.0 s left" in refused.value.message
+    with undeclared(8).open("rb") as audio:
+        api.audio.transcriptions.create(model="whisper-1", file=audio)  # fits, and is counted once decoded
+    with pytest.raises(openai.RateLimitError), undeclared(8).open("rb") as audio:
+        api.audio.transcriptions.create(model="whisper-1", file=audio)  # 4 s left now
+    metrics = urllib.request.Request(f"{rated_server}/metrics", headers={"Authorization": f"Bearer {ALPHA}"})
+    with urllib.request.urlopen(metrics, timeout=10) as response:
+        text = response.read().decode()
+    assert 'assistant_errors_total{code="rate_limit_exceeded"}' in text  # WebSocket refusals are counted too

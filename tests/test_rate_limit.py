@@ -60,7 +60,7 @@ def test_defaults_are_off_on_loopback_on_when_exposed_and_zero_turns_them_off() 
     assert RateLimits.from_settings(None, None, exposed=False) == RateLimits(None, None)
     exposed = RateLimits.from_settings(None, None, exposed=True)
     assert exposed.requests is not None and exposed.requests.limit == 120
-    assert exposed.audio is not None and exposed.audio.limit == 120 * 60
+    assert exposed.audio is not None and exposed.audio.limit == 240 * 60  # a 3-hour upload fits
     assert RateLimits.from_settings(0, 0, exposed=True) == RateLimits(None, None)
 
 

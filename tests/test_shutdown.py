@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import signal
 import socket
@@ -133,3 +134,45 @@ def test_new_connections_are_refused_at_once_and_a_second_signal_exits_without_w
             process.kill()
     log = process.stdout.read() if process.stdout else ""
     assert "SIGINT, a second signal: exiting now" in log, log
+
+
+def test_what_outlives_the_stop_is_answered_503_and_sessions_still_authenticating_are_told(tmp_path: Path) -> None:
+    """A request whose body is still arriving when the stop's time is up gets 503 `shutting-down` (not a bare 500
+    and a traceback); a WebSocket client still to send its key gets the error event and close 1001; a client that
+    left before authenticating leaves no traceback."""
+    require_offline_models("smollm2-135m", "whisper-base")
+    key = "a-key-of-sixteen-chars"
+    process, base = start_server("--set", "server.shutdown_timeout_s=2", "--set", f"server.api_key={key}")
+    port = int(base.rsplit(":", 1)[1])
+    try:
+        trickled = socket.create_connection(("127.0.0.1", port), timeout=20)
+        trickled.sendall(f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                         f"Authorization: Bearer {key}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         "Content-Length: 100000\r\n\r\n--b\r\n".encode())  # fmt: skip
+
+        async def sessions() -> tuple[list[dict[str, Any]], Any]:
+            async with websockets.connect(ws_url(base)):  # leaves without a key
+                pass
+            async with websockets.connect(ws_url(base)) as waiting:  # yet to send its auth event
+                await asyncio.sleep(0.5)
+                process.send_signal(signal.SIGTERM)
+                events: list[dict[str, Any]] = []
+                with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                    async with asyncio.timeout(EXIT_WITHIN_S):
+                        while True:
+                            events.append(json.loads(await waiting.recv()))
+                return events, closed.value.rcvd
+
+        events, close = asyncio.run(sessions())
+        answer = b""
+        with contextlib.suppress(OSError):
+            while part := trickled.recv(65536):
+                answer += part
+        code = process.wait(timeout=EXIT_WITHIN_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stdout.read() if process.stdout else ""
+    assert [e["error"]["code"] for e in events] == ["shutting-down"] and close is not None and close.code == 1001
+    assert answer.startswith(b"HTTP/1.1 503") and b"shutting-down" in answer, answer[:300]
+    assert code == 0 and "Traceback" not in log and "ERROR" not in log, log

@@ -160,3 +160,19 @@ def test_a_stream_refused_in_the_queue_ends_with_the_error_instead_of_hanging() 
 
     asyncio.run(consume())
     gate.set()
+
+
+def test_a_stream_is_refused_busy_when_asked_for_before_any_item_is_awaited() -> None:
+    """The server queues a streamed reply before it sends a byte: a full queue is a plain 503, not an SSE event."""
+    worker = ModelWorker(max_pending=1)
+    gate, started = threading.Event(), threading.Event()
+    worker.submit(lambda: (started.set(), gate.wait(5)))  # running
+    assert started.wait(5)
+    worker.submit(lambda: None)  # the one queued job
+
+    async def ask() -> None:
+        with pytest.raises(BusyError):
+            worker.stream(lambda: iter(["x"]), threading.Event())
+
+    asyncio.run(ask())
+    gate.set()

@@ -12,6 +12,7 @@ cannot make the server buffer more than ``server.max_upload_mb`` by leaving out 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import socket
@@ -26,6 +27,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def is_loopback(host: str) -> bool:
@@ -105,12 +107,13 @@ class AccessGuard:
     """ASGI middleware: the AccessPolicy for every request and handshake (403 / refused handshake), and every
     request body counted against ``limit_bytes`` as it arrives (413 once passed)."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], policy: AccessPolicy,
-                 limit_bytes: int, on_refused: Callable[[str], None]) -> None:  # fmt: skip
+    def __init__(self, app: App, policy: AccessPolicy, limit_bytes: int, on_refused: Callable[[str], None],
+                 stopping: Callable[[], str | None]) -> None:  # fmt: skip
         self._app = app
         self._policy = policy
         self._limit = limit_bytes
         self._on_refused = on_refused
+        self._stopping = stopping  # the stop's message while the server stops, else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -123,11 +126,29 @@ class AccessGuard:
             if scope["type"] == "websocket":  # closing before accepting refuses the handshake with HTTP 403
                 await send({"type": "websocket.close", "code": 1008, "reason": "forbidden"})
                 return
-            await _forbidden(send, problem)
+            await _refuse(send, 403, "forbidden", problem)
             return
-        if scope["type"] == "http":
-            receive = self._counted(receive)
-        await self._app(scope, receive, send)
+        if scope["type"] == "websocket":
+            await self._app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, self._counted(receive), tracked)
+        except asyncio.CancelledError:
+            message = self._stopping()
+            if message is None:
+                raise
+            # uvicorn cancels what outlived the graceful stop: answer it as stopped, not with a bare 500
+            if not started:
+                await _refuse(send, 503, "shutting-down", message)
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _counted(self, receive: Receive) -> Receive:
         received = 0
@@ -145,9 +166,9 @@ class AccessGuard:
         return counted
 
 
-async def _forbidden(send: Send, message: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "forbidden", "param": None, "code": "forbidden"}}).encode()
-    await send({"type": "http.response.start", "status": 403,
+async def _refuse(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": code, "param": None, "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from assistant.errors import LimitError, RateLimitError
 
 DEFAULT_EXPOSED_REQUESTS_PER_MINUTE = 120  # when server.host is not loopback and the setting is left unset
-DEFAULT_EXPOSED_AUDIO_MINUTES_PER_HOUR = 120.0
+DEFAULT_EXPOSED_AUDIO_MINUTES_PER_HOUR = 240.0  # room for one upload of server.max_upload_audio_s (3 h) an hour
 
 
 class SlidingWindow:
@@ -55,6 +55,17 @@ class SlidingWindow:
                 if used - freed + amount <= self.limit:
                     return at + self.window_s - now
             return self.window_s  # not reached: amount <= limit frees at the latest with the newest entry
+
+    def room(self, client: str) -> float:
+        """What ``client`` may still use now."""
+        with self._lock:
+            return self.limit - sum(amount for _, amount in self._expire(client, self._clock()))
+
+    def wait_until_empty(self, client: str) -> float:
+        """Seconds until everything ``client`` used has left the window (the whole limit is free again)."""
+        with self._lock:
+            entries = self._expire(client, self._clock())
+            return max(0.0, entries[-1][0] + self.window_s - self._clock()) if entries else 0.0
 
     def add(self, client: str, amount: float) -> None:
         """Count ``amount`` for ``client`` whatever the limit (use that was found only after the work was done)."""
@@ -121,11 +132,35 @@ class RateLimits:
         if self.audio is None or seconds <= 0:
             return
         wait = self.audio.take(client, seconds)
-        allowance = f"{self.audio.limit / 60:g} audio minutes per hour (server.rate_limit_audio_minutes_per_hour)"
         if wait == math.inf:
-            raise LimitError(f"this audio lasts {seconds / 60:.1f} min, more than the {allowance}; send it in parts")
+            raise LimitError(f"this audio lasts {_duration(seconds)}, more than the {self._allowance()}; send it in "
+                             "parts")  # fmt: skip
         if wait:
-            raise RateLimitError(f"over {allowance}; {seconds / 60:.1f} min more fit in {math.ceil(wait)} s", wait)
+            raise RateLimitError(f"over the {self._allowance()}; {_duration(seconds)} more fit in {math.ceil(wait)} s",
+                                 wait)  # fmt: skip
+
+    def audio_room(self, client: str) -> float | None:
+        """Seconds of audio ``client`` may still send now (None: no audio limit); RateLimitError when none is left.
+        For a file that declares no duration: it is then held to this while it is decoded."""
+        if self.audio is None:
+            return None
+        room = self.audio.room(client)
+        if room <= 0:
+            wait = self.audio.wait_until_empty(client)
+            raise RateLimitError(f"over the {self._allowance()}; try again in {math.ceil(wait)} s", wait)
+        return room
+
+    def over_room(self, client: str, room: float) -> RateLimitError:
+        """The refusal of a file found (while decoding) to hold more than the ``room`` it had: try again when the
+        whole allowance is free."""
+        assert self.audio is not None
+        wait = max(self.audio.wait_until_empty(client), 1.0)
+        return RateLimitError(f"this file holds more than the {_duration(room)} left of the {self._allowance()}; "
+                              f"try again in {math.ceil(wait)} s", wait)  # fmt: skip
+
+    def _allowance(self) -> str:
+        assert self.audio is not None
+        return f"{self.audio.limit / 60:g} audio minutes per hour (server.rate_limit_audio_minutes_per_hour)"
 
     def refund_audio(self, client: str, seconds: float) -> None:
         """Give back audio counted for work that failed or was refused."""
@@ -141,3 +176,7 @@ class RateLimits:
             self.audio.add(client, actual - counted)
         else:
             self.audio.give_back(client, counted - actual)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"

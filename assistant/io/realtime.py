@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import time
 import uuid
@@ -116,23 +117,31 @@ class RealtimeSession:
     # --- connection --------------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        await self._ws.accept()  # Host and Origin were checked before (assistant.io.access)
+        # from here on a server stop reaches this session, whatever stage it is at (even waiting for its key)
+        with self._services.shutdown.closing(self._server_stopping):
+            if self._services.shutdown.stopping:  # the stop began before this session was registered
+                await self._goodbye()
+                return
+            key = await self._authorized()
+            if key is not None and await self._opened(key):
+                try:
+                    await self._session(key)
+                finally:
+                    self._services.close_session(key)
+
+    async def _opened(self, key: str) -> bool:
+        """Count the session (rate and session limits) and open or resume its conversation; False after refusing."""
         from assistant.io.server import client_of
 
-        await self._ws.accept()  # Host and Origin were checked before (assistant.io.access)
-        if self._services.shutdown.stopping:
-            await self._goodbye()
-            return
-        key = await self._authorized()
-        if key is None:
-            return
         self._client = client_of(key, self._ws.client)
         try:
             self._services.rate_limits.request(self._client)
             self._services.open_session(key)
         except (LimitError, RateLimitError) as exc:
             await self._error(exc)
-            await self._ws.close(code=CLOSE_TRY_LATER, reason=exc.code)
-            return
+            await self._close(CLOSE_TRY_LATER, exc.code)
+            return False
         try:
             self._saved_as = self._resume(self._ws.query_params.get("conversation"), key)
             self._check_model(self._ws.query_params.get("model"))
@@ -141,22 +150,22 @@ class RealtimeSession:
                 self._services.release_conversation(self._saved_as)
             self._services.close_session(key)
             await self._error(exc)
-            await self._ws.close(code=CLOSE_POLICY)
-            return
+            await self._close(CLOSE_POLICY)
+            return False
+        return True
+
+    async def _session(self, key: str) -> None:
         try:
             await self._send({"type": "session.created", "session": self._describe()})
-            with self._services.shutdown.closing(self._server_stopping):
-                await self._receive_loop()
+            await self._receive_loop()
         except Exception as exc:  # a fault of ours ends this session with a reason, never the server
             await self._error(AssistantError(f"the session failed: {type(exc).__name__}: {str(exc)[:300]}"))
-            with contextlib.suppress(RuntimeError, ConnectionError):  # the client may be gone already
-                await self._ws.close(code=CLOSE_INTERNAL_ERROR)
+            await self._close(CLOSE_INTERNAL_ERROR)
         finally:
             self._gone = True
             await self.voice.close()
             if self._saved_as is not None:
                 self._services.release_conversation(self._saved_as)
-            self._services.close_session(key)
 
     async def _server_stopping(self) -> None:
         """The server is stopping: the reply in progress ends where it is (cut, as on a barge-in) and is saved; then
@@ -169,9 +178,15 @@ class RealtimeSession:
         from assistant.io.shutdown import SHUTDOWN_MESSAGE
 
         await self._error(ShutdownError(SHUTDOWN_MESSAGE))
-        with contextlib.suppress(RuntimeError, ConnectionError):  # the client may be gone already
-            await self._ws.close(code=CLOSE_GOING_AWAY, reason="server shutting down")
+        await self._close(CLOSE_GOING_AWAY, "server shutting down")
         self._gone = True
+
+    async def _close(self, code: int, reason: str = "") -> None:
+        """Close the connection; nothing to do when it is closed already or the client has gone."""
+        from starlette.websockets import WebSocketDisconnect
+
+        with contextlib.suppress(RuntimeError, ConnectionError, WebSocketDisconnect):
+            await self._ws.close(code=code, reason=reason)
 
     def _check_model(self, model: str | None) -> None:
         """``?model=``: any name works (clients send gpt-realtime); a name of one of our models must be loaded."""
@@ -229,7 +244,7 @@ class RealtimeSession:
         key = self._services.key_of(offered)
         if key is None:
             await self._error(AuthError("missing or wrong API key (Authorization header, ?api_key= or an auth event)"))
-            await self._ws.close(code=CLOSE_POLICY)
+            await self._close(CLOSE_POLICY)
         return key
 
     async def _receive_loop(self) -> None:
@@ -244,7 +259,7 @@ class RealtimeSession:
                 if self.voice.replying:
                     continue  # a long reply is still streaming to a client that has nothing to say
                 await self._error(LimitError(f"no message for {idle_s:g} s (server.idle_timeout_s); session closed"))
-                await self._ws.close(code=CLOSE_GOING_AWAY)
+                await self._close(CLOSE_GOING_AWAY)
                 return
             except WebSocketDisconnect:
                 return
@@ -313,10 +328,19 @@ class RealtimeSession:
             return
         try:
             self._services.rate_limits.audio_seconds(self._client, len(samples) / SAMPLE_RATE)
-        except RateLimitError as exc:
-            self._throttled_until = now + exc.retry_after_s
-            raise RateLimitError(f"{exc.message}; input audio is dropped until then", exc.retry_after_s) from None
+        except (RateLimitError, LimitError) as exc:  # LimitError: one piece is over the whole allowance
+            wait = exc.retry_after_s if isinstance(exc, RateLimitError) else 3600.0
+            self._throttled_until = now + wait
+            await self._end_turn_in_progress()
+            raise RateLimitError(f"{exc.message}; input audio is dropped for {math.ceil(wait)} s", wait) from None
         await self.voice.push_audio(samples)
+
+    async def _end_turn_in_progress(self) -> None:
+        """Audio stops counting mid-speech: with the server's VAD the turn ends on what was heard, as at
+        server.max_turn_audio_s (client-committed audio stays in the buffer for the client to commit or clear)."""
+        if self.voice.options.turn_detection is not None:
+            with contextlib.suppress(AssistantError):
+                await self.voice.commit()
 
     async def _commit(self, event: dict[str, Any]) -> None:
         await self.voice.commit()
@@ -674,18 +698,22 @@ class RealtimeSession:
     # --- sending -----------------------------------------------------------------------------------------------------
 
     async def _send(self, event: dict[str, Any]) -> None:
+        from starlette.websockets import WebSocketDisconnect
+
         if self._gone:
             return
         event = {"event_id": f"event_{uuid.uuid4().hex[:20]}", **event}
         async with self._send_lock:
             try:
                 await asyncio.wait_for(self._ws.send_text(json.dumps(event, ensure_ascii=False)), SEND_TIMEOUT_S)
-            except (TimeoutError, RuntimeError, ConnectionError):
+            except (TimeoutError, RuntimeError, ConnectionError, WebSocketDisconnect):
                 self._gone = True  # the client stopped reading or left: stop working for it
                 self.voice.cancel("client_cancelled")
 
     async def _error(self, exc: AssistantError, event_id: str | None = None, *, code: str | None = None) -> None:
-        await self._send({"type": "error", "error": _error_fields(exc, event_id, code)})
+        fields = _error_fields(exc, event_id, code)
+        self._services.metrics.errors.labels(code=fields["code"]).inc()
+        await self._send({"type": "error", "error": fields})
 
 
 class _SessionUpdate:
@@ -928,7 +956,8 @@ def parse_event(text: str) -> dict[str, Any]:
 
 def _error_fields(exc: BaseException, event_id: str | None = None, code: str | None = None) -> dict[str, Any]:
     our_code = getattr(exc, "code", "error")
-    client_side = our_code in ("config", "limit", "unauthorized", "conversation", "prompt-too-long")
+    client_side = our_code in ("config", "limit", "unauthorized", "conversation", "prompt-too-long",
+                               "rate_limit_exceeded")  # fmt: skip
     kind = "invalid_request_error" if client_side else "server_error"
     return {"type": kind, "code": code or our_code, "message": public_message(exc), "param": None,
             "event_id": event_id}  # fmt: skip

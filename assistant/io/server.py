@@ -21,9 +21,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -62,6 +62,7 @@ from assistant.tts.base import Speech, check_speed
 from assistant.tts.encode import FORMATS, encode
 from assistant.worker import ModelWorker
 
+T = TypeVar("T")
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("segment", "word")
 
@@ -141,12 +142,15 @@ class Services:
         self.speech_worker.stop(error)
         await self.shutdown.begin(timeout_s)
 
-    def transcribe_upload(self, path: Path, **options: Any) -> FileResult:
+    def transcribe_upload(self, path: Path, abandoned: threading.Event, **options: Any) -> FileResult:
         """Transcribe an upload off the event loop, each unit (a batch of windows) on the worker's bulk queue:
-        voice turns and chat completions go between the units; a server stop ends it before the next unit."""
+        voice turns and chat completions go between the units; a server stop, or ``abandoned`` (the client left),
+        ends it before the next unit."""
 
         def run_model(call: Callable[[], list[Transcript]]) -> list[Transcript]:
             self.shutdown.check()
+            if abandoned.is_set():
+                raise ClientDisconnect()
             return self.worker.submit(call, bulk=True).result()
 
         return self.transcription.transcribe_file(path, run_model=run_model, **options)
@@ -333,10 +337,6 @@ def create_app(services: Services) -> FastAPI:
     app = FastAPI(title="assistant", version="0.1.0", docs_url="/docs" if listing else None, redoc_url=None,
                   openapi_url="/openapi.json" if listing else None)  # fmt: skip
     limit_bytes = int(config.server.max_upload_mb * 1024 * 1024)
-    policy = AccessPolicy.for_server(config.server.host, config.server.port, config.server.allowed_hosts,
-                                     config.server.allowed_origins)  # fmt: skip
-    app.add_middleware(AccessGuard, policy=policy, limit_bytes=limit_bytes,
-                       on_refused=lambda code: services.metrics.errors.labels(code=code).inc())  # fmt: skip
 
     @app.exception_handler(AssistantError)
     async def assistant_error(request: Request, exc: AssistantError) -> JSONResponse:
@@ -363,34 +363,6 @@ def create_app(services: Services) -> FastAPI:
         failure = AssistantError(f"the request failed: {type(exc).__name__}: {str(exc)[:300]}")
         services.metrics.errors.labels(code="internal").inc()
         return JSONResponse(error_body(failure), status_code=500)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        try:
-            services.shutdown.check()
-            api = request.url.path.startswith("/v1/")
-            if api or request.url.path in ("/metrics", "/docs", "/openapi.json"):
-                key = _check_key(services, request.headers.get("authorization"))
-                request.state.client = client_of(key, request.client)
-                if api:
-                    services.rate_limits.request(request.state.client)
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > limit_bytes:
-                raise LimitError(f"the request body is over server.max_upload_mb ({config.server.max_upload_mb} MB)")
-            with services.lock:
-                if services.requests >= config.server.max_requests:
-                    raise BusyError(
-                        f"the server is busy ({config.server.max_requests} requests in progress, "
-                        "server.max_requests); try again shortly"
-                    )
-                services.requests += 1
-        except AssistantError as exc:
-            return error_response(services, exc, 400)
-        try:
-            return await call_next(request)
-        finally:
-            with services.lock:
-                services.requests -= 1
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -442,21 +414,30 @@ def create_app(services: Services) -> FastAPI:
                     if size > limit_bytes:
                         raise LimitError(f"the file is over server.max_upload_mb ({config.server.max_upload_mb} MB)")
                     out.write(block)
+            client = request.state.client
             try:
-                counted = await count_upload_audio(services, request.state.client, path)
+                counted, audio_limit = await count_upload_audio(services, client, path, audio_limit)
+                abandoned = threading.Event()  # set when the client goes away: the work stops before its next unit
                 try:
                     async with services.bulk:
-                        result = await asyncio.to_thread(
-                            services.transcribe_upload,
-                            path, language=language, word_timestamps="word" in granularities, limit=audio_limit,
+                        services.shutdown.check()  # the stop came while this upload waited for the one before
+                        work = asyncio.to_thread(
+                            services.transcribe_upload, path, abandoned,
+                            language=language, word_timestamps="word" in granularities, limit=audio_limit,
                         )  # fmt: skip
+                        result = await until_disconnected(request, work, abandoned)
+                except LimitError:
+                    services.rate_limits.refund_audio(client, counted)
+                    if audio_limit.setting == AUDIO_RATE_SETTING:  # it held more than the client's allowance left
+                        raise services.rate_limits.over_room(client, audio_limit.seconds) from None
+                    raise
                 except BaseException:
-                    services.rate_limits.refund_audio(request.state.client, counted)
+                    services.rate_limits.refund_audio(client, counted)
                     raise
             except AudioDecodeError as exc:  # name the client's file, not our temporary path
                 raise AudioDecodeError(exc.message.replace(str(path), upload.filename or "the upload")) from None
         transcript = result.transcript
-        services.rate_limits.settle_audio(request.state.client, counted, transcript.audio_s)
+        services.rate_limits.settle_audio(client, counted, transcript.audio_s)
         services.metrics.transcription(transcript.audio_s)
         if response_format == "text":
             return PlainTextResponse(transcript.text + "\n")
@@ -513,6 +494,14 @@ def create_app(services: Services) -> FastAPI:
             yield from reply
             holder["stats"] = reply.stats
 
+        # queued now, before any byte is sent: a full queue is a plain 503 the client can retry, not an event
+        cancel = threading.Event()
+        texts = services.worker.stream(lambda: deltas(cancel), cancel)
+
+        def failed(exc: AssistantError) -> str:
+            services.metrics.errors.labels(code=exc.code).inc()
+            return f"data: {json.dumps(error_body(exc))}\n\n"
+
         async def events() -> AsyncIterator[str]:
             def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
                 data = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -520,20 +509,20 @@ def create_app(services: Services) -> FastAPI:
                 return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
             yield chunk({"role": "assistant", "content": ""})
-            with services.shutdown.cancellable() as cancel:
+            with services.shutdown.cancellable(cancel):
                 try:
-                    async for text in services.worker.stream(lambda: deltas(cancel), cancel):
+                    async for text in texts:
                         if await request.is_disconnected():
                             return  # leaving the stream sets cancel: generation stops, the worker is free
                         yield chunk({"content": text})
-                except AssistantError as exc:  # busy, or the server is stopping
-                    yield f"data: {json.dumps(error_body(exc))}\n\n"
+                except AssistantError as exc:  # the server is stopping, or the generation was refused
+                    yield failed(exc)
                     return
                 except Exception as exc:  # the stream ends with an error event; the server goes on
-                    yield f"data: {json.dumps(error_body(generation_failed(exc)))}\n\n"
+                    yield failed(generation_failed(exc))
                     return
             if services.shutdown.stopping:  # cut by the stop: say so instead of finishing as if complete
-                yield f"data: {json.dumps(error_body(ShutdownError(SHUTDOWN_MESSAGE)))}\n\n"
+                yield failed(ShutdownError(SHUTDOWN_MESSAGE))
                 return
             stats = holder.get("stats")
             if stats is not None:
@@ -572,7 +561,57 @@ def create_app(services: Services) -> FastAPI:
             return PlainTextResponse("assistant server: see /v1/models and /v1/realtime")
         return FileResponse(index, media_type="text/html")
 
+    app.add_middleware(RequestGate, services=services, limit_bytes=limit_bytes)
+    # added last, so outermost: it sees every request first, and whatever a stop cancels inside it
+    policy = AccessPolicy.for_server(config.server.host, config.server.port, config.server.allowed_hosts,
+                                     config.server.allowed_origins)  # fmt: skip
+    app.add_middleware(AccessGuard, policy=policy, limit_bytes=limit_bytes,
+                       on_refused=lambda code: services.metrics.errors.labels(code=code).inc(),
+                       stopping=lambda: SHUTDOWN_MESSAGE if services.shutdown.stopping else None)  # fmt: skip
     return app
+
+
+class RequestGate:
+    """ASGI middleware admitting each HTTP request: not while stopping, the API key (``/v1``, ``/metrics``, the
+    route listing), the client's request rate, a declared body over the limit, and ``server.max_requests`` in
+    progress. Plain ASGI, not Starlette's BaseHTTPMiddleware, whose task group hides a client's disconnect from
+    ``Request.is_disconnected`` (an abandoned upload must notice)."""
+
+    def __init__(self, app: Any, services: Services, limit_bytes: int) -> None:
+        self._app = app
+        self._services = services
+        self._limit_bytes = limit_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        services, limits = self._services, self._services.config.server
+        request = Request(scope)
+        try:
+            services.shutdown.check()
+            api = request.url.path.startswith("/v1/")
+            if api or request.url.path in ("/metrics", "/docs", "/openapi.json"):
+                key = _check_key(services, request.headers.get("authorization"))
+                request.state.client = client_of(key, request.client)
+                if api:
+                    services.rate_limits.request(request.state.client)
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self._limit_bytes:
+                raise LimitError(f"the request body is over server.max_upload_mb ({limits.max_upload_mb} MB)")
+            with services.lock:
+                if services.requests >= limits.max_requests:
+                    raise BusyError(f"the server is busy ({limits.max_requests} requests in progress, "
+                                    "server.max_requests); try again shortly")  # fmt: skip
+                services.requests += 1
+        except AssistantError as exc:
+            await error_response(services, exc, 400)(scope, receive, send)
+            return
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            with services.lock:
+                services.requests -= 1
 
 
 async def json_object(request: Request, expected: str) -> dict[str, Any]:
@@ -624,14 +663,37 @@ def error_response(services: Services, exc: AssistantError, default_status: int)
     return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, default_status), headers=headers)
 
 
-async def count_upload_audio(services: Services, client: str, path: Path) -> float:
+AUDIO_RATE_SETTING = "server.rate_limit_audio_minutes_per_hour"
+
+
+async def count_upload_audio(services: Services, client: str, path: Path,
+                             limit: AudioLimit) -> tuple[float, AudioLimit]:  # fmt: skip
     """Count an upload's declared seconds against the client's audio allowance before any work (RateLimitError
-    when over it); 0.0 when no audio limit is set or the file declares no duration (then it is counted after)."""
+    when over it). A file that declares no duration is held, while it is decoded, to what the allowance has left
+    (the AudioLimit returned; RateLimitError now when nothing is left) and counted once transcribed."""
     if services.rate_limits.audio is None:
-        return 0.0
+        return 0.0, limit
     declared = (await asyncio.to_thread(probe, path)).declared_s
-    services.rate_limits.audio_seconds(client, declared)
-    return declared
+    if declared > 0:
+        services.rate_limits.audio_seconds(client, declared)
+        return declared, limit
+    room = services.rate_limits.audio_room(client)
+    if room is not None and room < limit.seconds:
+        return 0.0, AudioLimit(room, AUDIO_RATE_SETTING)
+    return 0.0, limit
+
+
+async def until_disconnected(request: Request, work: Awaitable[T], abandoned: threading.Event) -> T:
+    """``work``'s result; if the client goes away first, ``abandoned`` is set (the work stops at its next check)
+    and its end is awaited all the same."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            abandoned.set()
+            return await task
 
 
 def new_session(services: Services) -> ChatSession:
@@ -712,5 +774,7 @@ def serve(config: Config) -> None:
         limit_concurrency=limits.max_sessions + limits.max_requests + 16,
         timeout_graceful_shutdown=limits.shutdown_timeout_s / 2,  # after GracefulServer's own half
     )  # fmt: skip
-    GracefulServer(server_config, services.stop, limits.shutdown_timeout_s).run()
+    server = GracefulServer(server_config, services.stop, limits.shutdown_timeout_s)
+    server.run()
     print("assistant serve: stopped", flush=True)
+    server.exit_after_stop()

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
@@ -49,9 +51,10 @@ class Shutdown:
             raise ShutdownError(SHUTDOWN_MESSAGE)
 
     @contextlib.contextmanager
-    def cancellable(self) -> Iterator[threading.Event]:
-        """A cancel event for one generation, set by the stop (at once when the stop has begun already)."""
-        cancel = threading.Event()
+    def cancellable(self, cancel: threading.Event | None = None) -> Iterator[threading.Event]:
+        """A cancel event for one generation (``cancel``, or a new one), set by the stop (at once when the stop has
+        begun already)."""
+        cancel = cancel or threading.Event()
         with self._lock:
             self._cancels.add(cancel)
             if self._event.is_set():
@@ -98,9 +101,25 @@ class GracefulServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Task[None] | None = None
 
+    @property
+    def signalled(self) -> bool:
+        return self._signals > 0
+
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
+        # asyncio.run would wait at its end for every to_thread call, such as an upload thread waiting on a
+        # transcription unit: the stop must not
+        self._loop.set_default_executor(_NoWaitExecutor(thread_name_prefix="asyncio"))
         await super().serve(sockets)
+
+    def exit_after_stop(self) -> None:
+        """After a stop by signal: end the process now, not after threads still finishing a model call (the
+        interpreter would join them); everything a client was promised has been sent or refused by now."""
+        if self.signalled:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(0)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -115,6 +134,8 @@ class GracefulServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self._begin)
 
     def _begin(self) -> None:
+        # uvicorn logs the requests it cancels at the end of the stop as an ERROR; they are answered 503 here
+        logging.getLogger("uvicorn.error").addFilter(_ExpectedCancels())
         for server in self.servers:  # no new connections from now on
             server.close()
         self._stopping = asyncio.ensure_future(self._stop_then_exit())
@@ -124,6 +145,20 @@ class GracefulServer(uvicorn.Server):
             await self._stop(self._timeout_s / 2)  # the other half is uvicorn's (timeout_graceful_shutdown)
         finally:
             self.should_exit = True  # uvicorn's shutdown: connections, then tasks, within timeout_graceful_shutdown
+
+
+class _ExpectedCancels(logging.Filter):
+    """Drops uvicorn's "Cancel N running task(s), timeout graceful shutdown exceeded": a planned part of the stop."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Cancel ")
+
+
+class _NoWaitExecutor(ThreadPoolExecutor):
+    """The event loop's default executor, whose shutdown does not wait for calls still running."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
 
 
 def _hard_stop(timeout_s: float) -> None:
