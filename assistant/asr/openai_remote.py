@@ -12,40 +12,25 @@ server's own message.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from assistant.asr.language import WHISPER_LANGUAGES, language_code
 from assistant.config import AsrConfig, Task
-from assistant.errors import AsrError, ConfigError, ModelLoadError
+from assistant.errors import AsrError
 from assistant.messages import Audio, Segment, Transcript, Word
+from assistant.remote import connect
 
 
 class OpenAITranscriber:
     """A Transcriber whose model runs on an OpenAI-compatible server."""
 
     def __init__(self, config: AsrConfig) -> None:
-        try:
-            import openai
-        except ImportError:
-            raise ModelLoadError("asr.backend openai needs the openai package: pip install openai") from None
-        base_url = config.base_url or os.environ.get("OPENAI_BASE_URL")
-        if not base_url:
-            raise ConfigError(
-                "asr.base_url: backend openai needs the server's address, e.g. http://127.0.0.1:8000/v1 "
-                "(nothing is sent to a cloud service unless you name it)"
-            )
-        self._openai = openai
+        remote = connect("asr", config.base_url, config.api_key, timeout_s=config.timeout_s,
+                         max_retries=config.max_retries, example="http://127.0.0.1:8000/v1")  # fmt: skip
+        self._openai, self._client, self._base_url = remote.openai, remote.client, remote.base_url
         self._config = config
-        self._base_url = base_url
-        self._client = openai.OpenAI(
-            base_url=base_url,
-            api_key=config.api_key or os.environ.get("OPENAI_API_KEY") or "not-needed",
-            timeout=config.timeout_s,
-            max_retries=config.max_retries,
-        )
         self._pool = ThreadPoolExecutor(config.max_in_flight, thread_name_prefix="asr-remote")
         self._plain = False  # the server refused verbose_json (older vLLM): plain json, one segment per window
 

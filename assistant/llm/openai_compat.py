@@ -8,16 +8,16 @@ vLLM's ``continue_final_message``.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from assistant.config import LlmConfig, SamplingConfig
-from assistant.errors import ConfigError, LlmError, ModelLoadError
+from assistant.errors import LlmError
 from assistant.llm.base import Reply
 from assistant.messages import Message, ReplyStats
+from assistant.remote import connect
 
 _CHARS_PER_TOKEN = 4  # rough size of a token of non-CJK text, for the context estimate (the API has no tokenizer)
 _TOKENS_PER_MESSAGE = 4  # role markers and separators around each message
@@ -25,28 +25,11 @@ _TOKENS_PER_MESSAGE = 4  # role markers and separators around each message
 
 class OpenAIChatModel:
     def __init__(self, config: LlmConfig) -> None:
-        try:
-            import openai
-        except ImportError:
-            raise ModelLoadError(
-                "backend openai needs the openai package; install it with 'pip install openai'"
-            ) from None
-        base_url = config.base_url or os.environ.get("OPENAI_BASE_URL")
-        if not base_url:
-            raise ConfigError(
-                "llm.base_url: backend openai needs the server's address, e.g. http://127.0.0.1:8000/v1 "
-                "(nothing is sent to a cloud service unless you name it)"
-            )
-        self._openai = openai
+        remote = connect("llm", config.base_url, config.api_key, timeout_s=config.timeout_s, max_retries=0,
+                         example="http://127.0.0.1:8000/v1")  # fmt: skip
+        self._openai, self._client, self._base_url = remote.openai, remote.client, remote.base_url
         self._config = config
-        self._base_url = base_url
         self.context_tokens = config.context_tokens
-        self._client = openai.OpenAI(
-            base_url=base_url,
-            api_key=config.api_key or os.environ.get("OPENAI_API_KEY") or "not-needed",
-            timeout=config.timeout_s,
-            max_retries=0,
-        )
 
     @property
     def description(self) -> str:

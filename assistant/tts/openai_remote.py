@@ -6,14 +6,14 @@ connections); a refusal becomes an OutputError (ConfigError for an unknown voice
 from __future__ import annotations
 
 import io
-import os
 import wave
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from assistant.errors import ConfigError, ModelLoadError, OutputError
+from assistant.errors import ConfigError, OutputError
 from assistant.messages import Audio
+from assistant.remote import connect
 
 if TYPE_CHECKING:
     from assistant.config import TtsConfig
@@ -25,19 +25,11 @@ class OpenAISynthesizer:
     """One voice of a remote speech server."""
 
     def __init__(self, voice: str, config: TtsConfig) -> None:
-        try:
-            import openai
-        except ImportError:
-            raise ModelLoadError("tts.backend openai needs the openai package: pip install openai") from None
-        base_url = config.base_url or os.environ.get("OPENAI_BASE_URL")
-        if not base_url:
-            raise ConfigError("tts.base_url: backend openai needs the speech server's address, e.g. "
-                              "http://127.0.0.1:8880/v1 (Kokoro-FastAPI)")  # fmt: skip
-        self._openai = openai
-        self._client = openai.OpenAI(base_url=base_url, api_key=config.api_key or os.environ.get("OPENAI_API_KEY")
-                                     or "not-needed", timeout=config.timeout_s, max_retries=2)  # fmt: skip
+        remote = connect("tts", config.base_url, config.api_key, timeout_s=config.timeout_s, max_retries=2,
+                         example="http://127.0.0.1:8880/v1 (Kokoro-FastAPI)")  # fmt: skip
+        self._openai, self._client, self._base_url = remote.openai, remote.client, remote.base_url
         self._model = config.model
-        self._base_url = base_url
+        base_url = remote.base_url
         self.voice = voice
         self.sample_rate = OPENAI_RATE
         self.description = f"openai {config.model} voice {voice} at {base_url}"
