@@ -7,6 +7,7 @@ window can be tested with a fake counter and used with any backend.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ class Conversation:
         self.persona = persona
         self.system = persona.system if persona else system
         self.turns: list[Message] = []
+        self.title: str | None = None  # a name people gave it (None: its first words stand for it)
+        self.created_at = int(time.time())  # Unix seconds, kept in the file
         self._first_in_window = 0  # index of the oldest turn still sent to the model
 
     # --- editing -------------------------------------------------------------------------------------------------
@@ -184,8 +187,27 @@ class Conversation:
             "version": FILE_VERSION,
             "system": self.system,
             "persona": self.persona.name if self.persona else None,
+            "title": self.title,
+            "created_at": self.created_at,
             "messages": [{"role": m.role, "content": m.content, "cut": m.cut} for m in self.turns],
         }
+
+    def to_markdown(self) -> str:
+        """The conversation as Markdown for people: a heading per message, the text as it was (a cut reply marked)."""
+        lines = [f"# {self.title or self.summary()}", ""]
+        if self.system:
+            lines += ["**System**", "", self.system, ""]
+        for message in self.turns:
+            lines += [f"**{message.role.capitalize()}**" + (" (cut)" if message.cut else ""), "", message.content, ""]
+        return "\n".join(lines)
+
+    def summary(self, chars: int = 60) -> str:
+        """The title, else the first user message's first ``chars`` characters, else "New conversation"."""
+        if self.title:
+            return self.title
+        first = next((m.content for m in self.turns if m.role == "user"), "")
+        text = " ".join(first.split())
+        return (text[: chars - 1] + "…" if len(text) > chars else text) or "New conversation"
 
     def save(self, path: str | Path) -> Path:
         """Write the conversation atomically: a crash mid-save leaves the previous file whole."""
@@ -220,6 +242,10 @@ class Conversation:
         conversation = cls(system if system is not None else "\n\n".join(system_messages) or None)
         conversation.persona = persona
         conversation.turns = [m for m in turns if m.role != "system"]
+        title, created = data.get("title"), data.get("created_at")
+        conversation.title = title if isinstance(title, str) and title.strip() else None
+        if isinstance(created, int) and not isinstance(created, bool) and created > 0:
+            conversation.created_at = created
         return conversation
 
 

@@ -132,3 +132,15 @@ class UnsupportedMediaTypeError(AssistantError):
     """A body of the wrong content type (a JSON route sent ``text/plain``, an upload that is not multipart)."""
 
     code = "unsupported-media-type"
+
+
+class NotFoundError(AssistantError):
+    """What a request names does not exist (a conversation id)."""
+
+    code = "not-found"
+
+
+class ConflictError(AssistantError):
+    """The request would clash with work in progress (a conversation open in a session)."""
+
+    code = "conflict"

@@ -16,10 +16,8 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -40,6 +38,7 @@ from assistant.errors import (
     ShutdownError,
     public_message,
 )
+from assistant.io.conversations import ConversationStore
 from assistant.messages import (
     SAMPLE_RATE,
     Audio,
@@ -65,7 +64,6 @@ CLOSE_POLICY = 1008  # WebSocket close code: policy violation (bad origin, no ke
 CLOSE_TRY_LATER = 1013
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
-CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a file name under server.conversation_dir, nothing more
 DEFAULT_PCM_RATE = 24_000  # Hz: the Realtime API's audio/pcm
 G711_RATE = 8_000  # Hz: audio/pcmu and audio/pcma
 AUDIO_DELTA_S = 0.2  # reply audio is sent in pieces of this length
@@ -204,11 +202,12 @@ class RealtimeSession:
             if requested is not None:
                 raise ConfigError("?conversation=: this server keeps no conversations (server.conversation_dir)")
             return None
-        if requested is not None and not CONVERSATION_ID.fullmatch(requested):
-            raise ConfigError("?conversation= takes the id from session.created: 1-64 letters, digits, '-' or '_'")
         conversation_id = requested or uuid.uuid4().hex
-        folder_of_key = hashlib.sha256(key.encode()).hexdigest()[:16] if key else ""
-        path = Path(folder).expanduser() / folder_of_key / f"{conversation_id}.json"
+        try:
+            path = ConversationStore(Path(folder).expanduser()).path_of(key, conversation_id)
+        except ConfigError:
+            raise ConfigError("?conversation= takes the id from session.created: 1-64 letters, digits, '-' or "
+                              "'_'") from None  # fmt: skip
         self._services.claim_conversation(path)
         if path.is_file():
             try:

@@ -10,6 +10,7 @@ and open sessions are limited; browsers must come from an allowed Origin; no end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -21,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +44,9 @@ from assistant.errors import (
     AuthError,
     BusyError,
     ConfigError,
+    ConflictError,
     LimitError,
+    NotFoundError,
     RateLimitError,
     ShutdownError,
     UnsupportedMediaTypeError,
@@ -51,6 +54,7 @@ from assistant.errors import (
 )
 from assistant.files import ExclusiveLock
 from assistant.io.access import AccessGuard, AccessPolicy, is_loopback
+from assistant.io.conversations import ConversationStore, describe, items
 from assistant.io.metrics import ServerMetrics
 from assistant.io.rate_limit import RateLimits
 from assistant.io.shutdown import SHUTDOWN_MESSAGE, GracefulServer, Shutdown
@@ -99,7 +103,7 @@ SPEECH_FORMATS = tuple(FORMATS)  # POST /v1/audio/speech response_format: mp3 (d
 MAX_SPEECH_CHARS = 4096  # POST /v1/audio/speech input, OpenAI's limit
 _STATUS = {"config": 400, "prompt-too-long": 400, "audio-decode": 400, "limit": 413, "busy": 503,
            "unauthorized": 401, "template": 400, "conversation": 400, "rate_limit_exceeded": 429,
-           "shutting-down": 503, "unsupported-media-type": 415}  # fmt: skip
+           "shutting-down": 503, "unsupported-media-type": 415, "not-found": 404, "conflict": 409}  # fmt: skip
 WEB_DIR = Path(__file__).with_name("web")
 
 
@@ -201,7 +205,7 @@ class Services:
         turns. Replicas sharing ``server.conversation_dir`` hold an OS file lock (``<id>.json.lock``, flock) for
         the session's life; the OS frees it if the process dies. A directory where no lock file can be made
         (read-only, full) leaves the claim to this process: saves then fail with their own error."""
-        busy = LimitError(f"conversation '{path.stem}' is open in another session; close that one first")
+        busy = ConflictError(f"conversation '{path.stem}' is open in another session; close that one first")
         with self.lock:
             if path in self.open_conversations:
                 raise busy
@@ -214,6 +218,16 @@ class Services:
             if not acquired:
                 raise busy
             self.open_conversations[path] = held
+
+    @contextlib.contextmanager
+    def conversation_free(self, path: Path) -> Iterator[None]:
+        """Hold ``path`` for a change made outside any session (rename, delete): ConflictError (409) while a session,
+        here or on another replica, has it open."""
+        self.claim_conversation(path)
+        try:
+            yield
+        finally:
+            self.release_conversation(path)
 
     def release_conversation(self, path: Path) -> None:
         with self.lock:
@@ -553,6 +567,75 @@ def create_app(services: Services) -> FastAPI:
         from assistant.io.realtime import RealtimeSession
 
         await RealtimeSession(services, websocket).run()
+
+    def store() -> ConversationStore:
+        if config.server.conversation_dir is None:
+            raise NotFoundError("this server keeps no conversations; start it with server.conversation_dir set")
+        return ConversationStore(Path(config.server.conversation_dir).expanduser())
+
+    def key_of_request(request: Request) -> str:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return services.key_of(token.strip() if scheme.lower() == "bearer" else "") or ""
+
+    @app.get("/v1/conversations")
+    async def list_conversations(request: Request) -> dict[str, Any]:
+        """This server's addition to OpenAI's Conversations API: the caller's saved conversations, newest first."""
+        found = await asyncio.to_thread(store().listing, key_of_request(request))
+        return {"object": "list", "data": found, "first_id": found[0]["id"] if found else None,
+                "last_id": found[-1]["id"] if found else None, "has_more": False}  # fmt: skip
+
+    @app.get("/v1/conversations/{conversation_id}")
+    async def get_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
+        saved = store()
+        key = key_of_request(request)
+        conversation = await asyncio.to_thread(saved.load, key, conversation_id)
+        return describe(conversation_id, conversation, saved.path_of(key, conversation_id).stat().st_mtime)
+
+    @app.get("/v1/conversations/{conversation_id}/items")
+    async def conversation_items(conversation_id: str, request: Request) -> dict[str, Any]:
+        """OpenAI's item list: ``order`` (desc by default), ``limit``, ``after``; ``include`` is refused by name."""
+        query = request.query_params
+        if query.getlist("include") or query.getlist("include[]"):
+            raise ConfigError("include: no extra item data exists here (the items are text messages)")
+        limit = query.get("limit", "20")
+        if not limit.isdigit():
+            raise ConfigError(f"limit {limit!r}: give a whole number from 1 to 100")
+        conversation = await asyncio.to_thread(store().load, key_of_request(request), conversation_id)
+        return items(conversation_id, conversation, order=query.get("order", "desc"), limit=int(limit),
+                     after=query.get("after"))  # fmt: skip
+
+    @app.post("/v1/conversations/{conversation_id}")
+    async def update_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
+        """OpenAI's update (``metadata``): the title. Refused (409) while a session has the conversation open."""
+        body = await json_object(request, 'a conversation update: {"metadata": {"title": "..."}}')
+        saved, key = store(), key_of_request(request)
+        with services.conversation_free(saved.path_of(key, conversation_id)):
+            return await asyncio.to_thread(saved.rename, key, conversation_id, body.get("metadata"))
+
+    @app.delete("/v1/conversations/{conversation_id}")
+    async def delete_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
+        saved, key = store(), key_of_request(request)
+        with services.conversation_free(saved.path_of(key, conversation_id)):
+            await asyncio.to_thread(saved.delete, key, conversation_id)
+        return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+    @app.get("/v1/conversations/{conversation_id}/export")
+    async def export_conversation(conversation_id: str, request: Request, format: str = "markdown") -> Response:
+        """This server's addition: the conversation as a download, ``format`` markdown (for people) or json (the
+        saved file, which ``assistant chat --set chat.load=FILE`` resumes)."""
+        if format not in ("markdown", "json"):
+            raise ConfigError(f"format {format!r}: choose markdown or json")
+        conversation = await asyncio.to_thread(store().load, key_of_request(request), conversation_id)
+        if format == "json":
+            body, media_type, suffix = (
+                json.dumps(conversation.to_json(), ensure_ascii=False, indent=2),
+                "application/json",
+                "json",
+            )
+        else:
+            body, media_type, suffix = conversation.to_markdown(), "text/markdown; charset=utf-8", "md"
+        disposition = f'attachment; filename="{conversation_id}.{suffix}"'
+        return Response(body, media_type=media_type, headers={"content-disposition": disposition})
 
     @app.get("/")
     async def page() -> Any:
