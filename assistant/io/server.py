@@ -18,13 +18,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -33,14 +32,11 @@ from starlette.requests import ClientDisconnect
 
 from assistant import registry
 from assistant.asr.cues import CueOptions
-from assistant.asr.writers import WRITERS, segment_json
-from assistant.audio.decode import probe
 from assistant.chat import ChatSession
 from assistant.config import Config, SamplingConfig, build
 from assistant.conversation import Conversation
 from assistant.errors import (
     AssistantError,
-    AudioDecodeError,
     AuthError,
     BusyError,
     ConfigError,
@@ -58,46 +54,14 @@ from assistant.io.conversations import ConversationStore, describe, items
 from assistant.io.metrics import ServerMetrics
 from assistant.io.rate_limit import RateLimits
 from assistant.io.shutdown import SHUTDOWN_MESSAGE, GracefulServer, Shutdown
+from assistant.io.uploads import TranscriptionJobs, read_upload, rendered, transcribe_upload, until_disconnected
 from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ROLES, Message, Transcript
-from assistant.pipeline import AudioLimit, FileResult, TranscriptionPipeline
+from assistant.pipeline import FileResult, TranscriptionPipeline
 from assistant.session import Services as SessionServices
 from assistant.tts.base import Speech, check_speed
 from assistant.tts.encode import FORMATS, encode
 from assistant.worker import ModelWorker
-
-T = TypeVar("T")
-RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
-GRANULARITIES = ("segment", "word")
-
-
-def timestamp_granularities(values: list[Any], response_format: str) -> frozenset[str]:
-    """OpenAI's ``timestamp_granularities[]`` form field (the openai SDK's ``timestamp_granularities=[...]``):
-    segment (the default), word, or both; only with ``verbose_json``, as OpenAI requires."""
-    given = frozenset(str(value) for value in values)
-    unknown = sorted(given - set(GRANULARITIES))
-    if unknown:
-        raise ConfigError(f"timestamp_granularities {unknown}: choose from {', '.join(GRANULARITIES)}")
-    if given and response_format != "verbose_json":
-        raise ConfigError("timestamp_granularities needs response_format=verbose_json")
-    return given or frozenset({"segment"})
-
-
-def verbose_json(transcript: Transcript, granularities: frozenset[str]) -> dict[str, Any]:
-    """OpenAI's verbose_json: segments when asked for (the default), and the words of the whole file at the top
-    level when ``word`` is asked for, as OpenAI returns them (``word``, ``start``, ``end``)."""
-    document: dict[str, Any] = {
-        "task": "transcribe", "language": transcript.language, "duration": transcript.audio_s, "text": transcript.text,
-    }  # fmt: skip
-    if "segment" in granularities:
-        document["segments"] = [segment_json(i, s) for i, s in enumerate(transcript.segments)]
-    if "word" in granularities:
-        document["words"] = [
-            {"word": w.word.strip(), "start": round(w.start_s, 3), "end": round(w.end_s, 3)}
-            for s in transcript.segments for w in s.words
-        ]  # fmt: skip
-    return document
-
 
 SPEECH_FORMATS = tuple(FORMATS)  # POST /v1/audio/speech response_format: mp3 (default), opus, aac, flac, wav, pcm
 MAX_SPEECH_CHARS = 4096  # POST /v1/audio/speech input, OpenAI's limit
@@ -127,6 +91,7 @@ class Services:
     # uploads are transcribed one at a time (decoding and the VAD run beside the worker; their memory is a block's)
     bulk: asyncio.Semaphore = dataclasses.field(default_factory=lambda: asyncio.Semaphore(1))
     shutdown: Shutdown = dataclasses.field(default_factory=Shutdown)
+    jobs: TranscriptionJobs = dataclasses.field(default_factory=TranscriptionJobs)
     metrics: ServerMetrics = dataclasses.field(init=False)
     rate_limits: RateLimits = dataclasses.field(init=False)
 
@@ -146,7 +111,7 @@ class Services:
         self.speech_worker.stop(error)
         await self.shutdown.begin(timeout_s)
 
-    def transcribe_upload(self, path: Path, abandoned: threading.Event, **options: Any) -> FileResult:
+    def transcribe_file(self, path: Path, abandoned: threading.Event, **options: Any) -> FileResult:
         """Transcribe an upload off the event loop, each unit (a batch of windows) on the worker's bulk queue:
         voice turns and chat completions go between the units; a server stop, or ``abandoned`` (the client left),
         ends it before the next unit."""
@@ -402,65 +367,45 @@ def create_app(services: Services) -> FastAPI:
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Any:
-        content_type = request.headers.get("content-type", "")
-        if not content_type.lower().startswith("multipart/form-data"):
-            raise UnsupportedMediaTypeError(
-                f"Content-Type {content_type or 'none'!r}: send the audio as multipart/form-data with a 'file' field"
-            )
-        # the body is counted as it arrives (AccessGuard); text fields are small, one file
-        form = await request.form(max_files=1, max_fields=32, max_part_size=64 * 1024)
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ConfigError("file: send the audio as a multipart file field named 'file'")
-        response_format = str(form.get("response_format") or "json")
-        if response_format not in RESPONSE_FORMATS:
-            raise ConfigError(f"response_format {response_format!r}: choose one of {', '.join(RESPONSE_FORMATS)}")
-        language = str(form.get("language") or "") or None
-        given = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")  # SDK; curl -F
-        granularities = timestamp_granularities(given, response_format)
-        audio_limit = AudioLimit(config.server.max_upload_audio_s, "server.max_upload_audio_s")
-        with tempfile.TemporaryDirectory(prefix="assistant-upload-") as folder:
-            path = Path(folder) / "upload"  # our own name: nothing the client sends becomes a path
-            size = 0
-            with path.open("wb") as out:
-                while block := await upload.read(1 << 20):
-                    size += len(block)
-                    if size > limit_bytes:
-                        raise LimitError(f"the file is over server.max_upload_mb ({config.server.max_upload_mb} MB)")
-                    out.write(block)
-            client = request.state.client
-            try:
-                counted, audio_limit = await count_upload_audio(services, client, path, audio_limit)
-                abandoned = threading.Event()  # set when the client goes away: the work stops before its next unit
-                try:
-                    async with services.bulk:
-                        services.shutdown.check()  # the stop came while this upload waited for the one before
-                        work = asyncio.to_thread(
-                            services.transcribe_upload, path, abandoned,
-                            language=language, word_timestamps="word" in granularities, limit=audio_limit,
-                        )  # fmt: skip
-                        result = await until_disconnected(request, work, abandoned)
-                except LimitError:
-                    services.rate_limits.refund_audio(client, counted)
-                    if audio_limit.setting == AUDIO_RATE_SETTING:  # it held more than the client's allowance left
-                        raise services.rate_limits.over_room(client, audio_limit.seconds) from None
-                    raise
-                except BaseException:
-                    services.rate_limits.refund_audio(client, counted)
-                    raise
-            except AudioDecodeError as exc:  # name the client's file, not our temporary path
-                raise AudioDecodeError(exc.message.replace(str(path), upload.filename or "the upload")) from None
-        transcript = result.transcript
-        services.rate_limits.settle_audio(client, counted, transcript.audio_s)
-        services.metrics.transcription(transcript.audio_s)
-        if response_format == "text":
-            return PlainTextResponse(transcript.text + "\n")
-        if response_format in ("srt", "vtt"):
-            cues = CueOptions.from_config(config.transcribe)
-            return PlainTextResponse(WRITERS[response_format](transcript, {}, cues))
-        if response_format == "json":
-            return {"text": transcript.text}
-        return verbose_json(transcript, granularities)
+        """OpenAI's transcription: the file is transcribed while the request waits (a client that leaves stops it)."""
+        async with read_upload(request, limit_bytes, config.server.max_upload_mb) as upload:
+            abandoned = threading.Event()  # set when the client goes away: the work stops before its next unit
+            result = await transcribe_upload(
+                services, request.state.client, upload, abandoned,
+                wait=lambda work: until_disconnected(request, work, abandoned),
+            )  # fmt: skip
+        return rendered(result.transcript, upload.response_format, upload.granularities,
+                        CueOptions.from_config(config.transcribe))  # fmt: skip
+
+    @app.post("/v1/transcription_jobs")
+    async def start_job(request: Request) -> JSONResponse:
+        """This server's addition: the same form as /v1/audio/transcriptions, transcribed in the background; the
+        job says how far it is and keeps its result in every format for a while (the page's file queue)."""
+        async with read_upload(request, limit_bytes, config.server.max_upload_mb, keep=True) as upload:
+            job = services.jobs.start(request.state.client, upload,
+                                      lambda job: transcribe_upload(services, job.client, upload, job.abandoned,
+                                                                    on_progress=job.progress))  # fmt: skip
+        return JSONResponse(job.describe(), status_code=202)
+
+    @app.get("/v1/transcription_jobs/{job_id}")
+    async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+        return services.jobs.get(request.state.client, job_id).describe()
+
+    @app.get("/v1/transcription_jobs/{job_id}/result")
+    async def job_result(job_id: str, request: Request, format: str = "json") -> Response:
+        """The finished job's transcript as ``format``: text, json, verbose_json, srt, vtt (409 until done)."""
+        job = services.jobs.get(request.state.client, job_id)
+        transcript = job.transcript()
+        response = rendered(transcript, format, job.granularities, CueOptions.from_config(config.transcribe))
+        suffix = {"text": "txt", "verbose_json": "json"}.get(format, format)
+        response.headers["content-disposition"] = f'attachment; filename="{job.download_name}.{suffix}"'
+        return response
+
+    @app.delete("/v1/transcription_jobs/{job_id}")
+    async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+        """Stop the job (before its next unit) and forget it."""
+        services.jobs.cancel(request.state.client, job_id)
+        return {"id": job_id, "object": "transcription.job.deleted", "deleted": True}
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request) -> Any:
@@ -744,39 +689,6 @@ def error_response(services: Services, exc: AssistantError, default_status: int)
     elif isinstance(exc, ShutdownError | LimitError):  # stopping; or a body too big to read on: hang up
         headers = {"connection": "close"}
     return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, default_status), headers=headers)
-
-
-AUDIO_RATE_SETTING = "server.rate_limit_audio_minutes_per_hour"
-
-
-async def count_upload_audio(services: Services, client: str, path: Path,
-                             limit: AudioLimit) -> tuple[float, AudioLimit]:  # fmt: skip
-    """Count an upload's declared seconds against the client's audio allowance before any work (RateLimitError
-    when over it). A file that declares no duration is held, while it is decoded, to what the allowance has left
-    (the AudioLimit returned; RateLimitError now when nothing is left) and counted once transcribed."""
-    if services.rate_limits.audio is None:
-        return 0.0, limit
-    declared = (await asyncio.to_thread(probe, path)).declared_s
-    if declared > 0:
-        services.rate_limits.audio_seconds(client, declared)
-        return declared, limit
-    room = services.rate_limits.audio_room(client)
-    if room is not None and room < limit.seconds:
-        return 0.0, AudioLimit(room, AUDIO_RATE_SETTING)
-    return 0.0, limit
-
-
-async def until_disconnected(request: Request, work: Awaitable[T], abandoned: threading.Event) -> T:
-    """``work``'s result; if the client goes away first, ``abandoned`` is set (the work stops at its next check)
-    and its end is awaited all the same."""
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            abandoned.set()
-            return await task
 
 
 def new_session(services: Services) -> ChatSession:
