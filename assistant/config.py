@@ -309,6 +309,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides the server's own address
     allowed_hosts: tuple[str, ...] = ()  # Host names clients may use besides the bound address (a TLS proxy's name)
     docs: bool = False  # serve /docs and /openapi.json (the route listing; behind the API key when one is set)
+    persona_dir: str | None = None  # YAML personas (name, greeting, system) offered by GET /v1/personas and the page
     conversation_dir: str | None = None  # each WebSocket session's conversation saved here after every turn
     output_modalities: tuple[Literal["text", "audio"], ...] = ("audio",)  # realtime replies: spoken (the API's) or text
     # per client (API key, else address): None = unset on loopback, 120 req/min and 240 audio min/h when reachable

@@ -9,6 +9,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -111,3 +112,21 @@ def test_an_open_conversation_cannot_be_renamed_or_deleted_and_bad_requests_say_
         api.conversations.retrieve("../../etc/passwd")
     status, body, _ = get(server, f"/v1/conversations/{conversation_id}/export?format=pdf", ALPHA)
     assert status == 400 and json.loads(body)["error"]["code"] == "config"
+
+
+def test_personas_in_the_persona_dir_are_listed(tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "personas"
+    shutil.copytree(Path(__file__).parents[1] / "configs" / "personas", folder)
+    (folder / "broken.yaml").write_text("name: nobody\n")  # no system prompt
+    process, base = start_server("--set", f"server.persona_dir={folder}")
+    try:
+        status, body, _ = get(base, "/v1/personas", "none")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    listed = {item["id"]: item for item in json.loads(body)["data"]}
+    assert status == 200 and listed["math-teacher"]["name"] == "王老师"
+    assert listed["math-teacher"]["instructions"].startswith("你是一位耐心的中学数学老师")
+    assert "needs at least 'system" in listed["broken"]["error"] and str(folder) not in listed["broken"]["error"]

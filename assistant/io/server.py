@@ -34,7 +34,7 @@ from assistant import registry
 from assistant.asr.cues import CueOptions
 from assistant.chat import ChatSession
 from assistant.config import Config, SamplingConfig, build
-from assistant.conversation import Conversation
+from assistant.conversation import Conversation, load_persona
 from assistant.errors import (
     AssistantError,
     AuthError,
@@ -521,6 +521,22 @@ def create_app(services: Services) -> FastAPI:
     def key_of_request(request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return services.key_of(token.strip() if scheme.lower() == "bearer" else "") or ""
+
+    @app.get("/v1/personas")
+    async def personas() -> dict[str, Any]:
+        """This server's addition: the characters in ``server.persona_dir`` (a file that cannot be read is listed
+        with its error, so whoever manages the folder sees what is wrong)."""
+        folder = config.server.persona_dir
+        found: list[dict[str, Any]] = []
+        for path in sorted(Path(folder).expanduser().glob("*.y*ml")) if folder else ():
+            try:
+                persona = load_persona(path)
+            except AssistantError as exc:
+                found.append({"id": path.stem, "object": "persona", "error": public_message(exc)})
+                continue
+            found.append({"id": path.stem, "object": "persona", "name": persona.name, "greeting": persona.greeting,
+                          "instructions": persona.system})  # fmt: skip
+        return {"object": "list", "data": found}
 
     @app.get("/v1/conversations")
     async def list_conversations(request: Request) -> dict[str, Any]:
