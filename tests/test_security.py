@@ -174,3 +174,36 @@ def test_the_allow_list_is_built_from_the_configuration_never_from_the_request()
     exposed = AccessPolicy.for_server("0.0.0.0", 8765, (), ())
     assert exposed.refusal("192.0.2.10:8765", None) is None  # Host not enforced without allowed_hosts: the key is
     assert exposed.refusal("192.0.2.10:8765", "http://evil.example") is not None
+
+
+def test_bodies_of_any_shape_get_a_4xx_in_openais_shape_never_a_500(server: tuple[Any, str, Path]) -> None:
+    """Generated JSON bodies (hypothesis) sent to every JSON route of the running server."""
+    import os
+
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    _, base, _ = server
+    host = base.removeprefix("http://")
+    values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+        lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+        max_leaves=8,
+    )
+    fields = st.sampled_from(["messages", "stream", "stream_options", "max_tokens", "temperature", "stop", "seed",
+                              "input", "voice", "speed", "response_format", "metadata", "model", "tools"])  # fmt: skip
+    bodies = st.dictionaries(fields, values, max_size=4) | values
+    routes = st.sampled_from(["/v1/chat/completions", "/v1/audio/speech", "/v1/conversations/abc"])
+
+    @hypothesis.settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")) // 3, deadline=None)
+    @hypothesis.given(routes, bodies)
+    def post(route: str, body: Any) -> None:
+        data = json.dumps(body).encode()
+        request = (f"POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data  # fmt: skip
+        status, answer = raw(base, request, timeout=120)
+        assert status < 500, (route, body, answer[:300])
+        if status >= 400:
+            assert set(json.loads(answer)["error"]) == {"message", "type", "param", "code"}, answer
+
+    post()
