@@ -207,3 +207,8 @@ def test_bodies_of_any_shape_get_a_4xx_in_openais_shape_never_a_500(server: tupl
             assert set(json.loads(answer)["error"]) == {"message", "type", "param", "code"}, answer
 
     post()
+
+
+def test_configured_origins_match_however_they_were_written() -> None:
+    policy = AccessPolicy.for_server("127.0.0.1", 8765, (), ("https://App.Example.org/",))
+    assert policy.refusal("127.0.0.1:8765", "https://app.example.org") is None

@@ -78,7 +78,8 @@ class AccessPolicy:
         if port == 80:
             origins |= {f"http://{name}" for name in names}
         enforce = is_loopback(host) or bool(allowed_hosts)
-        return cls(port, frozenset(names), frozenset(free), enforce, frozenset(origins | set(allowed_origins)))
+        configured = {origin.lower().rstrip("/") for origin in allowed_origins}
+        return cls(port, frozenset(names), frozenset(free), enforce, frozenset(origins | configured))
 
     def refusal(self, host: str | None, origin: str | None) -> str | None:
         """Why a request with these headers is refused, naming the setting to change; None when it is allowed."""
