@@ -605,6 +605,16 @@ def create_app(services: Services) -> FastAPI:
             return PlainTextResponse("assistant server: see /v1/models and /v1/realtime")
         return FileResponse(index, media_type="text/html")
 
+    @app.get("/static/{name}")
+    async def page_file(name: str) -> Any:
+        """The page's own files beside index.html (its script, style, worklet, the vendored Markdown renderer): a
+        plain name of letters, digits, '.', '-' or '_' (no folders, no dot files), never a path a client makes."""
+        allowed = all(c.isascii() and (c.isalnum() or c in ".-_") for c in name)
+        path = WEB_DIR / name
+        if not allowed or name.startswith(".") or name == "index.html" or not path.is_file():
+            raise NotFoundError("no such page file")
+        return FileResponse(path, headers={"cache-control": "no-cache"})
+
     app.add_middleware(RequestGate, services=services, limit_bytes=limit_bytes)
     # added last, so outermost: it sees every request first, and whatever a stop cancels inside it
     policy = AccessPolicy.for_server(config.server.host, config.server.port, config.server.allowed_hosts,
