@@ -85,8 +85,9 @@ const player = {context: null, nextStart: 0, items: new Map(), silenced: new Set
 // level seen (0-1).
 window.assistantAudio = {chunks: 0, scheduledSeconds: 0, playedUntil: 0, partials: 0, truncations: [], truncated: [],
                          level: 0};
-// For tests: the sessions the server confirmed (session.updated), the open conversation, and a way to send an event.
-window.assistantPage = {sessions: [], conversationId: null, send: (event) => send(event)};
+// For tests: the sessions the server confirmed (session.updated), the responses that ended ({id, status, metrics}),
+// the open conversation, and a way to send an event.
+window.assistantPage = {sessions: [], responses: [], conversationId: null, send: (event) => send(event)};
 
 // --- the connection ------------------------------------------------------------------------------------------------
 
@@ -433,6 +434,7 @@ function opened(session) {
 }
 
 function finished(response) {
+  window.assistantPage.responses.push({id: response.id, status: response.status, metrics: response.metrics || null});
   const known = replies.get(response.id);
   const itemId = (response.output && response.output[0] && response.output[0].id) || (known && known.msg.id);
   if (known) {
