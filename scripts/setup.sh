@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-APT_PACKAGES=(ffmpeg libportaudio2 espeak-ng sox cmake g++ pulseaudio pulseaudio-utils libasound2-plugins chromium)
+APT_PACKAGES=(ffmpeg libportaudio2 espeak-ng sox cmake g++ pulseaudio pulseaudio-utils libasound2-plugins chromium
+              fonts-wqy-microhei)  # a CJK font: Chinese text in the page screenshots
 
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
