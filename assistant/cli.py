@@ -141,6 +141,11 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="print tracebacks of unexpected errors")
 
 
+def _text(value: str | None) -> str | None:
+    """A flag's value as a YAML string, whatever it looks like."""
+    return None if value is None else json.dumps(value)
+
+
 def _flag_overrides(flags: dict[str, str | None], args: argparse.Namespace) -> list[str]:
     """Command-line flags as ``key=value`` overrides, followed by the explicit ``--set`` ones (which win)."""
     return [f"{key}={value}" for key, value in flags.items() if value is not None] + list(args.set)
@@ -148,7 +153,7 @@ def _flag_overrides(flags: dict[str, str | None], args: argparse.Namespace) -> l
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     flags = {
-        "asr.model": args.model,
+        "asr.model": _text(args.model),
         "asr.backend": args.backend,
         "asr.language": args.language,
         "asr.task": args.task,
@@ -246,7 +251,9 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    flags = {"server.host": args.host, "server.port": args.port, "llm.model": args.model, "asr.model": args.asr_model}
+    # names are text as typed: YAML would read "::" (IPv6's any-address) as a mapping, "no" as false
+    flags = {"server.host": _text(args.host), "server.port": args.port, "llm.model": _text(args.model),
+             "asr.model": _text(args.asr_model)}  # fmt: skip
     config = load_config(args.config, _flag_overrides(flags, args))
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2, ensure_ascii=False))

@@ -146,10 +146,12 @@ class SamplingConfig:
     seed: int | None = None  # fixes the sampling for reproducible replies
 
     def __post_init__(self) -> None:
-        _require(self.temperature >= 0, "llm.sampling.temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        _require(math.isfinite(self.temperature) and self.temperature >= 0, "llm.sampling.temperature",
+                 self.temperature, "a number >= 0 (0 = greedy)")  # fmt: skip
         _require(0 < self.top_p <= 1, "llm.sampling.top_p", self.top_p, "a number in (0, 1]")
         _require(self.top_k >= 0, "llm.sampling.top_k", self.top_k, "an integer >= 0 (0 = off)")
-        _require(self.repetition_penalty > 0, "llm.sampling.repetition_penalty", self.repetition_penalty, "> 0")
+        _require(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                 "llm.sampling.repetition_penalty", self.repetition_penalty, "a finite number > 0")  # fmt: skip
         _require(self.max_new_tokens >= 1, "llm.sampling.max_new_tokens", self.max_new_tokens, "an integer >= 1")
         _require(
             0 <= self.min_new_tokens <= self.max_new_tokens,

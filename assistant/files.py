@@ -157,20 +157,34 @@ class ExclusiveLock:
             except filelock.Timeout:
                 return False
             return True
-        fd = os.open(self._path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), PRIVATE_MODE)
+        while True:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), PRIVATE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except OSError:
+                os.close(fd)
+                raise
+            if self._still_ours(fd):
+                self._fd = fd
+                return True
+            os.close(fd)  # its holder removed that file as we locked it: take the lock on the new one
+
+    def _still_ours(self, fd: int) -> bool:
+        """Whether the path still names the file ``fd`` locked (the holder before us may have unlinked it)."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            return os.stat(self._path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
             return False
-        except OSError:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return True
 
     def release(self) -> None:
+        """Drop the lock and remove the lock file while still holding it (the classic unlink-on-release protocol:
+        a process that locked the old file sees it unlinked and starts again), so lock files never pile up."""
         if self._fd is not None:
+            with contextlib.suppress(OSError):  # a read-only directory keeps it: harmless
+                os.unlink(self._path)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
         if self._fallback is not None:

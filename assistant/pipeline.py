@@ -115,6 +115,14 @@ class TranscriptionPipeline:
         detector = registry.create("vad", vad.backend, vad) if vad.enabled else None
         return cls(transcriber, detector, asr=asr, transcribe=transcribe, vad_pad_s=vad.speech_pad_ms / 1000)
 
+    def check_language(self, language: str | None) -> str | None:
+        """``language`` as the recogniser's code (None: the configured one, or detection); ConfigError when the
+        model does not know it."""
+        language = normalize_language(language) or self._language
+        if language and not self.transcriber.supports_language(language):
+            raise ConfigError(f"language: {language_error(language, self._asr.model)}")
+        return language
+
     def transcribe_file(
         self,
         path: str | Path,
@@ -139,9 +147,7 @@ class TranscriptionPipeline:
             info, self._speech_seconds, track=self._transcribe.audio_track, channel=self._transcribe.audio_channel
         )
         clock = _StageClock()
-        language = normalize_language(language) or self._language
-        if language and not self.transcriber.supports_language(language):
-            raise ConfigError(f"language: {language_error(language, self._asr.model)}")
+        language = self.check_language(language)
         job = _FileJob(language, word_timestamps or self._asr.word_timestamps, clock, on_progress,
                        run_model or _run_here)  # fmt: skip
         segments: list[Segment] = []

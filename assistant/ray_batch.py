@@ -12,6 +12,7 @@ have this package installed.
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class RayPool:
         except ImportError:
             raise ModelLoadError("--ray needs Ray: pip install 'assistant[ray]' (or pip install ray)") from None
         self._ray = ray
+        _check_reachable(address)
         try:
             if address == LOCAL:
                 ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
@@ -84,8 +86,9 @@ class RayPool:
         count = gpus or config.transcribe.ray_workers or max(1, cpus // 2)
         threads = max(1, cpus // count)
         actor_config = dataclasses.replace(config, asr=dataclasses.replace(config.asr, threads=threads))
-        actor = ray.remote(_Worker).options(num_cpus=threads if not gpus else 1, num_gpus=1 if gpus else 0,
-                                            max_concurrency=2)  # fmt: skip
+        # a share of the CPUs each (fractional when there are more workers than CPUs), so every actor is placed
+        share = 1 if gpus else min(float(threads), cpus / count)
+        actor = ray.remote(_Worker).options(num_cpus=share, num_gpus=1 if gpus else 0, max_concurrency=2)
         self.workers = [actor.remote(actor_config) for _ in range(count)]
         self.description = f"ray: {count} workers ({'1 GPU' if gpus else f'{threads} CPU threads'} each)"
         try:
@@ -126,11 +129,29 @@ class RayPool:
             on_progress(self._progress({path for _, path in running.values()}))
 
     def _progress(self, paths: set[Path]) -> dict[Path, float]:
+        """Seconds done of each file in flight, from the actors that answer within POLL_S (a progress bar must
+        never hold the run up)."""
         by_name = {str(path.resolve()): path for path in paths}
         seconds: dict[Path, float] = {}
-        for answer in self._ray.get([worker.progress.remote() for worker in self.workers], timeout=30):
+        asked = [worker.progress.remote() for worker in self.workers]
+        answered, _ = self._ray.wait(asked, num_returns=len(asked), timeout=POLL_S)
+        for answer in self._ray.get(answered):
             seconds.update({by_name[name]: value for name, value in answer.items() if name in by_name})
         return seconds
+
+
+def _check_reachable(address: str) -> None:
+    """A cluster address that nothing answers fails now with one line (Ray itself would wait for minutes)."""
+    if address == LOCAL:
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray {address}: give 'local', ray://HOST:10001 (Ray Client) or HOST:6379 (on a node)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray {address}: nothing answers there ({exc.strerror or exc}); start the cluster "
+                          "('ray start --head') or check the address") from None  # fmt: skip
 
 
 def _as_given(result: FileResult | Failure, path: Path) -> FileResult | Failure:

@@ -31,5 +31,7 @@ def connect(stage: str, base_url: str | None, api_key: str | None, *, timeout_s:
     if not url:
         raise ConfigError(f"{stage}.base_url: backend openai needs the server's address, e.g. {example} (nothing is "
                           "sent to a cloud service unless you name it)")  # fmt: skip
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{stage}.base_url: {url!r} is not an http(s) address; write it in full, e.g. {example}")
     key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
     return Remote(openai, openai.OpenAI(base_url=url, api_key=key, timeout=timeout_s, max_retries=max_retries), url)

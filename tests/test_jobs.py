@@ -15,7 +15,7 @@ from tests.conftest import meeting_speech, require_offline_models, speak
 from tests.test_server import start_server
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
-httpx = pytest.importorskip("httpx")
+requests = pytest.importorskip("requests")
 pysubs2 = pytest.importorskip("pysubs2")
 
 ALPHA, BETA = "alpha-key-for-jobs-0001", "beta-key-for-jobs-0002"
@@ -30,8 +30,25 @@ def server() -> Iterator[str]:
     process.wait(timeout=30)
 
 
-def client(base: str, key: str) -> Any:
-    return httpx.Client(base_url=f"{base}/v1", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+class Client:
+    """requests with the API's base address and a key."""
+
+    def __init__(self, base: str, key: str) -> None:
+        self._base, self._session = f"{base}/v1", requests.Session()
+        self._session.headers["Authorization"] = f"Bearer {key}"
+
+    def get(self, path: str, **options: Any) -> Any:
+        return self._session.get(self._base + path, timeout=60, **options)
+
+    def post(self, path: str, **options: Any) -> Any:
+        return self._session.post(self._base + path, timeout=60, **options)
+
+    def delete(self, path: str) -> Any:
+        return self._session.delete(self._base + path, timeout=60)
+
+
+def client(base: str, key: str) -> Client:
+    return Client(base, key)
 
 
 def start(http: Any, path: Path) -> dict[str, Any]:
@@ -89,6 +106,9 @@ def test_a_cancelled_job_stops_and_the_next_one_is_not_kept_waiting(server: str,
     started = time.monotonic()
     done, _ = wait_done(http, start(http, short)["id"], timeout_s=60)
     assert done["status"] == "completed" and time.monotonic() - started < 20
+    with short.open("rb") as audio:  # refused at once, as the synchronous route refuses it
+        refused = http.post("/transcription_jobs", files={"file": ("q.wav", audio)}, data={"language": "xx"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "config"
     broken = tmp_path / "broken.mp3"
     broken.write_bytes(b"not audio")
     failed, _ = wait_done(http, start(http, broken)["id"], timeout_s=60)

@@ -150,7 +150,17 @@ def test_an_anonymous_caller_learns_nothing_it_needs_no_key_for(server: tuple[An
     assert "broken.json" in message and str(conversations) not in message, message
     # malformed bodies of other shapes: 400 in our shape, never a 500
     host = base.removeprefix("http://")
-    for body in (b'{"messages": "hi"}', b'{"messages": [], "stream": "yes"}', b"[1, 2]", b'{"stream_options": 5}'):
+    deep = b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    lone_surrogate = b'{"messages": [{"role": "user", "content": "\\ud800"}]}'
+    for body in (
+        b'{"messages": "hi"}',
+        b'{"messages": [], "stream": "yes"}',
+        b"[1, 2]",
+        b'{"stream_options": 5}',
+        deep,
+        lone_surrogate,
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+    ):
         request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body  # fmt: skip
         status, answer = raw(base, request)
@@ -212,3 +222,26 @@ def test_bodies_of_any_shape_get_a_4xx_in_openais_shape_never_a_500(server: tupl
 def test_configured_origins_match_however_they_were_written() -> None:
     policy = AccessPolicy.for_server("127.0.0.1", 8765, (), ("https://App.Example.org/",))
     assert policy.refusal("127.0.0.1:8765", "https://app.example.org") is None
+
+
+def test_locks_free_their_file_and_a_missing_persona_folder_is_refused_at_start(tmp_path: Path) -> None:
+    from assistant.files import ExclusiveLock
+    from assistant.io.server import Services
+
+    path = tmp_path / "c.json.lock"
+    first, second = ExclusiveLock(path), ExclusiveLock(path)
+    assert first.acquire() and not second.acquire()
+    first.release()
+    assert not path.exists() and second.acquire()  # released: the file is gone, and the lock free
+    second.release()
+    with pytest.raises(ConfigError, match="server.persona_dir: 'no-such-folder' is not a directory"):
+        Services.load(load_config(None, ["server.persona_dir=no-such-folder"]))
+
+
+def test_a_ray_cluster_nobody_answers_is_one_line_not_a_long_wait() -> None:
+    from assistant.ray_batch import _check_reachable
+
+    with pytest.raises(ConfigError, match="nothing answers there"):
+        _check_reachable("127.0.0.1:1")
+    with pytest.raises(ConfigError, match="give 'local'"):
+        _check_reachable("nonsense")

@@ -138,7 +138,8 @@ def _message_of(exc: Any) -> str:
 def _hint(status: int) -> str:
     return {
         401: " (check asr.api_key)",
-        404: " (check asr.base_url and asr.model)",
+        404: " (check asr.base_url and asr.model; --task translate needs /v1/audio/translations, which "
+        "assistant serve does not have)",
         413: " (the server's upload limit is below one window; raise it there or lower asr.chunk_s)",
-        429: " (the server's rate limit; retried after its Retry-After, asr.max_retries)",
+        429: " (the server's rate limit; raise asr.max_retries to wait out its Retry-After)",
     }.get(status, "")

@@ -83,6 +83,8 @@ class AccessPolicy:
 
     def refusal(self, host: str | None, origin: str | None) -> str | None:
         """Why a request with these headers is refused, naming the setting to change; None when it is allowed."""
+        if self.enforce_host and not host:
+            return "the request has no Host header; send HTTP/1.1 with the server's address as Host"
         if self.enforce_host and not self._host_allowed(host):
             return (f"Host {host!r} is not this server's address; if you reach it by that name, add it to "
                     "server.allowed_hosts")  # fmt: skip
@@ -124,8 +126,11 @@ class AccessGuard:
         problem = self._policy.refusal(headers.get("host"), headers.get("origin"))
         if problem is not None:
             self._on_refused("forbidden")
-            if scope["type"] == "websocket":  # closing before accepting refuses the handshake with HTTP 403
-                await send({"type": "websocket.close", "code": 1008, "reason": "forbidden"})
+            if scope["type"] == "websocket":
+                if "websocket.http.response" in scope.get("extensions", {}):  # a 403 that says why
+                    await _refuse(send, 403, "forbidden", problem, prefix="websocket.")
+                else:  # closing before accepting refuses the handshake with a bare 403
+                    await send({"type": "websocket.close", "code": 1008, "reason": "forbidden"})
                 return
             await _refuse(send, 403, "forbidden", problem)
             return
@@ -167,9 +172,10 @@ class AccessGuard:
         return counted
 
 
-async def _refuse(send: Send, status: int, code: str, message: str) -> None:
+async def _refuse(send: Send, status: int, code: str, message: str, *, prefix: str = "") -> None:
+    """An HTTP answer in OpenAI's error shape (``prefix`` "websocket.": ASGI's denial response to a handshake)."""
     body = json.dumps({"error": {"message": message, "type": code, "param": None, "code": code}}).encode()
-    await send({"type": "http.response.start", "status": status,
+    await send({"type": prefix + "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})  # fmt: skip
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": prefix + "http.response.body", "body": body})

@@ -127,6 +127,10 @@ class Services:
     @classmethod
     def load(cls, config: Config) -> Services:
         check_exposure(config)
+        persona_dir = config.server.persona_dir
+        if persona_dir is not None and not Path(persona_dir).expanduser().is_dir():
+            raise ConfigError(f"server.persona_dir: {persona_dir!r} is not a directory (relative paths start from "
+                              f"{Path.cwd()}); give the folder of persona YAML files")  # fmt: skip
         chat_model = registry.create("llm", config.llm.backend, config.llm)
         transcription = TranscriptionPipeline.from_config(config)
         pending = config.server.max_pending
@@ -382,6 +386,7 @@ def create_app(services: Services) -> FastAPI:
         """This server's addition: the same form as /v1/audio/transcriptions, transcribed in the background; the
         job says how far it is and keeps its result in every format for a while (the page's file queue)."""
         async with read_upload(request, limit_bytes, config.server.max_upload_mb, keep=True) as upload:
+            services.transcription.check_language(upload.language)  # refused now, as the synchronous route does
             job = services.jobs.start(request.state.client, upload,
                                       lambda job: transcribe_upload(services, job.client, upload, job.abandoned,
                                                                     on_progress=job.progress))  # fmt: skip
@@ -645,7 +650,8 @@ class RequestGate:
         try:
             services.shutdown.check()
             api = request.url.path.startswith("/v1/")
-            if api or request.url.path in ("/metrics", "/docs", "/openapi.json"):
+            listing = ("/docs", "/openapi.json") if limits.docs else ()  # else they do not exist: 404 for anyone
+            if api or request.url.path == "/metrics" or request.url.path in listing:
                 key = _check_key(services, request.headers.get("authorization"))
                 request.state.client = client_of(key, request.client)
                 if api:
@@ -676,6 +682,11 @@ async def json_object(request: Request, expected: str) -> dict[str, Any]:
         raise UnsupportedMediaTypeError(f"Content-Type {media_type or 'none'!r}: send {expected} as application/json")
     try:
         body = await request.json()
+        json.dumps(body, ensure_ascii=False).encode()  # a lone surrogate escape ("\ud800") is no text to work on
+    except UnicodeEncodeError:
+        raise ConfigError("the body holds text that is not valid Unicode (a lone surrogate such as \\ud800)") from None
+    except RecursionError:
+        raise ConfigError("the body is nested too deeply to read; send a flat JSON object") from None
     except ValueError:
         raise ConfigError(f"the body is not valid JSON; send {expected}") from None
     if not isinstance(body, dict):
@@ -781,7 +792,8 @@ def serve(config: Config) -> None:
 
     services = Services.load(config)
     limits = config.server
-    print(f"assistant serving on http://{limits.host}:{limits.port}/ (Ctrl-C to stop)", flush=True)
+    shown = f"[{limits.host}]" if ":" in limits.host else limits.host  # an IPv6 address in a URL
+    print(f"assistant serving on http://{shown}:{limits.port}/ (Ctrl-C to stop)", flush=True)
     if not is_loopback(limits.host):
         print("assistant serve: reachable from other machines over plain HTTP: API keys and conversations travel in "
               "clear text; put it behind a TLS reverse proxy (docs/reliability.md, Security) and set "

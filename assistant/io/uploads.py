@@ -200,7 +200,7 @@ def rendered(transcript: Transcript, response_format: str, granularities: frozen
     """The transcript as OpenAI returns it for ``response_format``."""
     if response_format == "text":
         return PlainTextResponse(transcript.text + "\n")
-    if response_format in ("srt", "vtt"):
+    if response_format in ("srt", "vtt"):  # text/plain, as OpenAI answers them
         return PlainTextResponse(WRITERS[response_format](transcript, {}, cues))
     if response_format == "json":
         return JSONResponse({"text": transcript.text})
@@ -241,6 +241,8 @@ class Job:
                 "error": error}  # fmt: skip
 
     def transcript(self) -> Transcript:
+        if self.result is None and self.error is not None:
+            raise ConflictError(f"job {self.id} failed, so it has no result: {public_message(self.error)}")
         if self.result is None:
             raise ConflictError(f"job {self.id} is {self.status}; its result is ready when it is completed")
         return self.result.transcript

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from assistant.config import LlmConfig, SamplingConfig
-from assistant.errors import LlmError
+from assistant.errors import AssistantError, ConfigError, LlmError, PromptTooLongError
 from assistant.llm.base import Reply
 from assistant.messages import Message, ReplyStats
 from assistant.remote import connect
@@ -104,10 +104,8 @@ class OpenAIChatModel:
                     break
         except self._openai.APIConnectionError as exc:
             raise LlmError(f"cannot reach the server at {self._base_url} ({exc}); is it running?") from None
-        except self._openai.APIStatusError as exc:
-            raise LlmError(
-                f"the server at {self._base_url} answered {exc.status_code}: {_server_message(exc)}"
-            ) from None
+        except self._openai.APIError as exc:  # a refusal, before the stream (a status) or inside it (an event)
+            raise self._refusal(exc) from None
         finally:
             if response is not None:
                 response.close()
@@ -121,6 +119,20 @@ class OpenAIChatModel:
 
     def close(self) -> None:
         self._client.close()
+
+    def _refusal(self, exc: Any) -> AssistantError:
+        """The server's refusal as our error: what the request got wrong stays a client error (a prompt over the
+        window, a bad request), anything else is the generation failing."""
+        status = getattr(exc, "status_code", None)
+        body = exc.body if isinstance(exc.body, dict) else {}
+        error = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
+        code = error.get("code") or error.get("type")
+        message = f"the server at {self._base_url} answered{f' {status}' if status else ''}: {_server_message(exc)}"
+        if code in ("prompt-too-long", "context_length_exceeded"):
+            return PromptTooLongError(message)
+        if status in (400, 413, 422) or code in ("template", "config", "invalid_request_error"):
+            return ConfigError(message)
+        return LlmError(message)
 
 
 def _server_message(exc: Any) -> str:
