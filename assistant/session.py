@@ -170,6 +170,7 @@ class ResponseOptions:
     instructions: str | None = None
     max_output_tokens: int | None = None
     voice: str | None = None
+    extend: bool = False  # continue the last reply where it stopped (its item grows) instead of answering anew
 
 
 @dataclass
@@ -337,11 +338,9 @@ class VoiceSession:
     async def respond(self, options: ResponseOptions | None = None, *, started: float | None = None) -> None:
         """Reply to the conversation as it is (its last message must be the user's)."""
         self._ensure_loop()
-        turns = self.chat.conversation.turns
         settled = self._turns.empty() and not self._in_turn and not self.replying
-        if settled and (not turns or turns[-1].role != "user"):  # known now: say so to the request that asked
-            raise ConversationError("response.create: there is no user message to answer; add one first "
-                                    "(conversation.item.create or audio)")  # fmt: skip
+        if settled:  # known now: say so to the request that asked
+            self._check_answerable(options or ResponseOptions())
         self._turns.put_nowait(_Turn(respond=options or ResponseOptions(), speech_end=started or self._clock()))
 
     def cancel(self, reason: str = "client_cancelled") -> bool:
@@ -631,15 +630,22 @@ class VoiceSession:
 
     # --- replies -----------------------------------------------------------------------------------------------------
 
-    async def _start_response(self, options: ResponseOptions, clocks: tuple[float, float, float]) -> None:
-        """``clocks``: (end of speech or request, transcript ready, seconds of speech) for the turn's metrics."""
+    def _check_answerable(self, options: ResponseOptions) -> None:
         turns = self.chat.conversation.turns
-        if not turns or turns[-1].role != "user":
+        if options.extend and (not turns or turns[-1].role != "assistant" or not self.items):
+            raise ConversationError("response.continue: the last message is not a reply; there is nothing to "
+                                    "continue")  # fmt: skip
+        if not options.extend and (not turns or turns[-1].role != "user"):
             raise ConversationError("response.create: there is no user message to answer; add one first "
                                     "(conversation.item.create or audio)")  # fmt: skip
+
+    async def _start_response(self, options: ResponseOptions, clocks: tuple[float, float, float]) -> None:
+        """``clocks``: (end of speech or request, transcript ready, seconds of speech) for the turn's metrics."""
+        self._check_answerable(options)
         self._cancel = threading.Event()
         self._cancel_reason, self._cancelled_at = "client_cancelled", 0.0
-        response_id, item_id = new_id("resp"), new_id("item")
+        response_id = new_id("resp")
+        item_id = self.items[-1] if options.extend else new_id("item")  # a continued reply keeps its item
         self._response_item = item_id
         self._response = asyncio.ensure_future(self._reply(response_id, item_id, options, clocks, self._cancel))
 
@@ -660,7 +666,7 @@ class VoiceSession:
             if options.instructions is not None:
                 chat.conversation.system = options.instructions
             try:
-                reply = chat.reply(cancel=cancel)
+                reply = chat.continue_reply(cancel=cancel) if options.extend else chat.reply(cancel=cancel)
             finally:
                 chat.sampling, chat.conversation.system = saved
             holder["reply"] = reply
@@ -691,8 +697,9 @@ class VoiceSession:
         stats = reply.stats if reply is not None else ReplyStats(finish_reason="cancelled")
         if failure is not None:
             self.failures += 1
-            user_dropped = not self.chat.conversation.turns or self.chat.conversation.turns[-1].role != "user"
-            if user_dropped and self.items and len(self.items) > len(self.chat.conversation.turns):
+            turns = self.chat.conversation.turns
+            user_dropped = not options.extend and (not turns or turns[-1].role != "user")
+            if user_dropped and self.items and len(self.items) > len(turns):
                 dropped = self.items.pop()
                 await self._emit(ItemDeleted(dropped))
             await self._emit(ReplyDone(response_id, item_id, text, "failed", getattr(failure, "code", "error"),
@@ -701,7 +708,9 @@ class VoiceSession:
             return
         # a cancel after the text was complete, while it was still being spoken, cancels the rest of the speech
         cancelled = stats.finish_reason == "cancelled" or cancel.is_set()
-        if reply is not None:
+        if reply is not None and options.extend:  # the item grew: its whole text (not truncated to what was heard)
+            text = self.chat.conversation.turns[-1].content
+        elif reply is not None:
             self.items.append(item_id)
             text = reply.text
             if voice.spoken is not None:
@@ -709,9 +718,10 @@ class VoiceSession:
                 self._spoken[item_id] = voice.spoken
             await self._emit(ItemAdded(item_id, self._previous(item_id), Message("assistant", text, cut=cancelled)))
         self._response_item, self._response_voice = None, None
-        if cancelled and voice.spoken is not None and voice.spoken.audio_s > 0:
+        spoken_anew = voice.spoken is not None and not options.extend
+        if cancelled and spoken_anew and voice.spoken is not None and voice.spoken.audio_s > 0:
             await self._truncate(item_id, voice.spoken.heard_s(self._cancelled_at or self._clock()))
-        elif cancelled and voice.spoken is not None:  # nothing was heard yet
+        elif cancelled and spoken_anew:  # nothing was heard yet
             await self._truncate(item_id, 0.0)
         status = "cancelled" if cancelled else "incomplete" if stats.finish_reason == "length" else "completed"
         reason = self._cancel_reason if cancelled else "max_output_tokens" if status == "incomplete" else None

@@ -205,7 +205,7 @@ def set_field(page: Any, selector: str, value: str) -> None:
 def test_page_typed_turn_with_a_persona_and_sampling_regenerated_and_undone(page_server: str) -> None:
     """A persona and sampling chosen in the settings reach the server (session.updated confirms them); a typed turn is
     answered and saved (the sidebar lists it), its figures shown on demand; Regenerate replaces the reply with a new
-    one; Undo removes the turn."""
+    one; Continue extends it; Undo removes the turn."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
@@ -246,6 +246,15 @@ def test_page_typed_turn_with_a_persona_and_sampling_regenerated_and_undone(page
             expect(page.locator(".turn.user")).to_have_count(1)
             statuses = page.evaluate("window.assistantPage.responses.map((r) => r.status)")
             assert all(status in ("completed", "incomplete") for status in statuses), statuses
+            # Continue: the same reply goes on (16 tokens at a time here): still one reply, and longer
+            before = page.locator(".msg-assistant .turn").inner_text()
+            expect(page.locator("#continue")).to_be_enabled()
+            page.click("#continue")
+            page.wait_for_function("window.assistantPage.responses.length === 3", timeout=TURN_MS)
+            expect(page.locator(".msg-assistant")).to_have_count(1)
+            expect(page.locator(".msg-assistant")).not_to_have_attribute("aria-busy", "true", timeout=TURN_MS)
+            after = page.locator(".msg-assistant .turn").inner_text()
+            assert after.startswith(before.strip()[:10]) and len(after) > len(before), (before, after)
             screenshot(page, "typed-turn-persona")
 
             page.click("#undo")

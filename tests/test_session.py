@@ -15,7 +15,7 @@ from assistant.asr.base import Transcriber
 from assistant.chat import ChatSession
 from assistant.config import VadConfig
 from assistant.conversation import Conversation
-from assistant.errors import ConfigError
+from assistant.errors import ConfigError, ConversationError
 from assistant.messages import (
     Audio,
     ItemAdded,
@@ -493,3 +493,28 @@ def test_partials_use_the_quick_pass_and_the_final_never_does() -> None:
     assert len(partials) >= 3 and len(transcriber.quick) >= len(partials)
     assert len(transcriber.calls) - len(transcriber.quick) == 1  # one full pass: the final (or its settled pause)
     assert next(e for e in events if isinstance(e, TranscriptFinal)).text == "one two three four five"
+
+
+def test_a_cut_reply_is_continued_in_its_own_item() -> None:
+    """response.continue (this server's addition): the deltas extend the last reply's item; nothing to continue
+    when the last message is not a reply."""
+
+    async def scenario() -> tuple[VoiceSession, list[SessionEvent]]:
+        session, events = make(ScriptedModel(" and more."))
+        with pytest.raises(ConversationError, match="nothing to continue"):
+            await session.respond(ResponseOptions(extend=True))
+        await session.add_message(Message("user", "Tell me."))
+        await session.add_message(Message("assistant", "Once upon a time", cut=True))
+        await session.respond(ResponseOptions(extend=True))
+        await session.drain()
+        return session, events
+
+    session, events = asyncio.run(scenario())
+    reply_item = session.items[-1]
+    started = next(e for e in events if isinstance(e, ReplyStarted))
+    assert started.item_id == reply_item and len(session.items) == 2  # no new item
+    done = events[-1]
+    assert isinstance(done, ReplyDone) and done.status == "completed" and done.text == "Once upon a time and more."
+    assert session.chat.conversation.turns[-1] == Message("assistant", "Once upon a time and more.")
+    assert not [e for e in events if isinstance(e, ItemAdded) and e.item_id == reply_item and e.message.content
+                == "Once upon a time and more."]  # fmt: skip

@@ -302,6 +302,7 @@ class RealtimeSession:
             "conversation.item.truncate": self._item_truncate,
             "conversation.item.retrieve": self._item_retrieve,
             "response.create": self._response_create,
+            "response.continue": self._response_continue,
             "response.cancel": self._response_cancel,
             "auth": self._auth_again,
         }
@@ -378,7 +379,13 @@ class RealtimeSession:
         item = self._item(item_id, message, "incomplete" if message.cut else "completed")
         await self._send({"type": "conversation.item.retrieved", "item": item})
 
-    async def _response_create(self, event: dict[str, Any]) -> None:
+    async def _response_continue(self, event: dict[str, Any]) -> None:
+        """This server's addition: the last reply goes on where it stopped (cut, or at its token limit); the
+        deltas extend that item, and ``response.done`` carries its whole text. Takes ``response.create``'s
+        ``response`` fields."""
+        await self._response_create(event, extend=True)
+
+    async def _response_create(self, event: dict[str, Any], *, extend: bool = False) -> None:
         self._services.rate_limits.request(self._client)
         response = event.get("response") or {}
         if not isinstance(response, dict):
@@ -398,6 +405,7 @@ class RealtimeSession:
             max_output_tokens=_max_tokens(response.get("max_output_tokens", response.get("max_response_output_tokens")),
                                           "response.create"),
             voice=self._checked_voice(voice) if voice is not None else None,
+            extend=extend,
         )  # fmt: skip
         await self.voice.respond(options, started=time.monotonic())
 

@@ -309,6 +309,7 @@ function updateButtons() {
   const last = messages[messages.length - 1];
   $("stop").disabled = !busy;
   $("regenerate").disabled = !open || reply !== null || !last || last.role !== "assistant" || !last.id;
+  $("continue").disabled = $("regenerate").disabled;
   $("undo").disabled = !open || reply !== null || !last || !last.id;
 }
 
@@ -319,6 +320,16 @@ function regenerate() {
   bargeIn();
   send({type: "conversation.item.delete", item_id: last.id});
   send({type: "response.create"});
+}
+
+// Continue: the last reply goes on where it stopped (this server's response.continue); its message grows.
+let continuing = null;
+function continueReply() {
+  const last = messages[messages.length - 1];
+  if (!last || last.role !== "assistant" || !last.id || reply) return;
+  bargeIn();
+  continuing = last;
+  send({type: "response.continue"});
 }
 
 // Undo: the last reply and the message it answered leave the history.
@@ -390,7 +401,9 @@ function handle(event) {
       break;
     case "conversation.item.deleted": removeMessage(event.item_id); break;
     case "response.created":
-      reply = {msg: addMessage("assistant", ""), done: false};
+      reply = {msg: continuing || addMessage("assistant", ""), done: false};
+      if (continuing) reply.msg.body.classList.remove("cut", "incomplete");
+      continuing = null;
       reply.msg.el.setAttribute("aria-busy", "true");
       replies.set(event.response.id, reply);
       updateButtons(); break;
@@ -459,6 +472,7 @@ function finished(response) {
 
 function failed(event) {
   const error = event.error || {};
+  continuing = null;
   if (error.code === "response_cancel_not_active") return;  // the reply ended as we cancelled it: nothing to say
   if ((error.message || "").startsWith("input_audio_buffer.commit")) committedByHand = Math.max(0, committedByHand - 1);
   if (error.event_id && pendingCreates.has(error.event_id)) {  // the typed message was refused: it is not in the history
@@ -1143,6 +1157,7 @@ document.addEventListener("keydown", (e) => {
 });
 $("stop").onclick = () => { bargeIn(); status.textContent = "stopped"; };
 $("regenerate").onclick = regenerate;
+$("continue").onclick = continueReply;
 $("undo").onclick = undo;
 $("voice").onchange = () => { playbackContext(); storeSettings(); configure(); };
 for (const id of ["persona", "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "language",
