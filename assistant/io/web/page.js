@@ -357,7 +357,7 @@ function contentText(item) {
 function handle(event) {
   switch (event.type) {
     case "session.created": opened(event.session); break;
-    case "session.updated": window.assistantPage.sessions.push(event.session); break;
+    case "session.updated": window.assistantPage.sessions.push(event.session); statusOk(); break;
     case "input_audio_buffer.speech_started":
       stopPlayback();  // the server stops generating by itself (server VAD barge-in)
       partialShown = false;
@@ -431,7 +431,8 @@ function opened(session) {
   const transcription = (session.audio && session.audio.input && session.audio.input.transcription) || {};
   sessionDefaults = {instructions: session.instructions || "", sampling: session.sampling || null,
                      language: transcription.language || null};
-  status.textContent = `connected: ${session.model}`;
+  status.textContent = connectedText = `connected: ${session.model}`;
+  delete status.dataset.stale;
   if (conversationId) {
     if (location.hash.slice(1) !== `conversation=${conversationId}`) {
       history.replaceState(null, "", `#conversation=${conversationId}`);
@@ -446,7 +447,15 @@ function opened(session) {
   updateButtons();
 }
 
+// A later success replaces an error or "stopped" shown before it.
+let connectedText = "";
+function statusOk() {
+  if (status.dataset.stale && connectedText) status.textContent = connectedText;
+  delete status.dataset.stale;
+}
+
 function finished(response) {
+  if (response.status === "completed" || response.status === "incomplete") statusOk();
   window.assistantPage.responses.push({id: response.id, status: response.status, metrics: response.metrics || null});
   const known = replies.get(response.id);
   const itemId = (response.output && response.output[0] && response.output[0].id) || (known && known.msg.id);
@@ -486,6 +495,7 @@ function failed(event) {
   }
   if (ws && ["config", "conversation", "unauthorized"].includes(error.code) && !sessionDefaults) ws.failed = true;
   status.textContent = `${error.code}: ${error.message}`;
+  status.dataset.stale = "1";  // until the next thing that went right (statusOk)
   if (error.event_id && error.event_id === lastUpdateId && $("voice").checked &&
       /output_modalities/.test(error.message || "")) {
     $("voice").checked = false;  // this server cannot speak: ask for written replies instead
@@ -922,6 +932,9 @@ function showPersona() {
 }
 
 async function loadPersonas() {
+  for (const option of [...$("persona").options]) {  // a reload (a new key) replaces the list
+    if (option.value !== "" && option.value !== "custom") option.remove();
+  }
   try {
     personas = ((await api("/v1/personas")).data || []).filter((p) => !p.error);
   } catch (error) {
@@ -1153,9 +1166,9 @@ $("text").addEventListener("keydown", (e) => {
 document.addEventListener("keydown", (e) => {
   if (e.key !== "Escape") return;
   if (document.body.classList.contains("drawer-open")) { closeDrawer(); return; }
-  if (reply || player.items.size) { bargeIn(); status.textContent = "stopped"; }
+  if (reply || player.items.size) { bargeIn(); status.textContent = "stopped"; status.dataset.stale = "1"; }
 });
-$("stop").onclick = () => { bargeIn(); status.textContent = "stopped"; };
+$("stop").onclick = () => { bargeIn(); status.textContent = "stopped"; status.dataset.stale = "1"; };
 $("regenerate").onclick = regenerate;
 $("continue").onclick = continueReply;
 $("undo").onclick = undo;
@@ -1163,13 +1176,25 @@ $("voice").onchange = () => { playbackContext(); storeSettings(); configure(); }
 for (const id of ["persona", "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "language",
                   "voice-name"]) $(id).addEventListener("change", settingChanged);
 $("prompt").addEventListener("change", settingChanged);
-$("key").onchange = () => {
+// A new key: reconnect to the conversation in the address (a session refused for want of a key never learnt its
+// id), after storing what the user was setting, and load what the key lets us see (conversations, personas).
+$("key").onchange = async () => {
   try { sessionStorage.setItem(STORE + "key", apiKey()); } catch (e) { /* storage off */ }
+  if (conversationId) storeSettings();
   conversationsKept = true;
   $("conversations").hidden = false;
-  openConversation(conversationId);
+  $("conversations-note").hidden = true;
+  const id = conversationId || conversationInAddress();
+  await loadPersonas();  // before the session opens: its stored settings may name a persona
+  showPersona();
+  openConversation(id);
   refreshConversations();
 };
+
+function conversationInAddress() {
+  const match = /^#conversation=([A-Za-z0-9_-]{1,64})$/.exec(location.hash);
+  return match ? match[1] : null;
+}
 $("new").onclick = () => { closeDrawer(); openConversation(null); $("text").focus(); };
 
 function closeDrawer() {
@@ -1201,8 +1226,7 @@ async function start() {
   await loadPersonas();
   if (last) applySettings(last);
   showPersona();
-  const match = /^#conversation=([A-Za-z0-9_-]{1,64})$/.exec(location.hash);
-  connect(match ? match[1] : null);
+  connect(conversationInAddress());
   refreshConversations();
 }
 start();
