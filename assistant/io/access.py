@@ -137,6 +137,11 @@ class AccessGuard:
         if scope["type"] == "websocket":
             await self._app(scope, receive, send)
             return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self._limit:  # declared too big: refused before a byte is read
+            self._on_refused("limit")
+            await _refuse(send, 413, "limit", self._over_limit())
+            return
         started = False
 
         async def tracked(message: Message) -> None:
@@ -166,10 +171,13 @@ class AccessGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise LimitError(f"the request body is over server.max_upload_mb ({limit / 1048576:g} MB)")
+                    raise LimitError(self._over_limit())
             return message
 
         return counted
+
+    def _over_limit(self) -> str:
+        return f"the request body is over server.max_upload_mb ({self._limit / 1048576:g} MB)"
 
 
 async def _refuse(send: Send, status: int, code: str, message: str, *, prefix: str = "") -> None:

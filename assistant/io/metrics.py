@@ -54,6 +54,10 @@ class ServerMetrics:
         Gauge("assistant_open_sessions", "Open WebSocket sessions", registry=registry).set_function(open_sessions)
         Gauge("assistant_queue_depth", "Model jobs waiting for the worker", registry=registry).set_function(queue_depth)
 
+    def error(self, code: str) -> None:
+        """One error answered to a client (HTTP, SSE or WebSocket), by its code."""
+        self.errors.labels(code=code).inc()
+
     def completion(self, stats: ReplyStats, *, stream: bool) -> None:
         self.chat_completions.labels(stream=str(stream).lower()).inc()
         self._reply(stats)

@@ -719,7 +719,7 @@ class RealtimeSession:
 
     async def _error(self, exc: AssistantError, event_id: str | None = None, *, code: str | None = None) -> None:
         fields = _error_fields(exc, event_id, code)
-        self._services.metrics.errors.labels(code=fields["code"]).inc()
+        self._services.metrics.error(fields["code"])
         await self._send({"type": "error", "error": fields})
 
 

@@ -37,6 +37,7 @@ from assistant.config import Config, SamplingConfig, build
 from assistant.conversation import Conversation, load_persona
 from assistant.errors import (
     AssistantError,
+    AudioDecodeError,
     AuthError,
     BusyError,
     ConfigError,
@@ -54,7 +55,14 @@ from assistant.io.conversations import ConversationStore, describe, items
 from assistant.io.metrics import ServerMetrics
 from assistant.io.rate_limit import RateLimits
 from assistant.io.shutdown import SHUTDOWN_MESSAGE, GracefulServer, Shutdown
-from assistant.io.uploads import TranscriptionJobs, read_upload, rendered, transcribe_upload, until_disconnected
+from assistant.io.uploads import (
+    TranscriptionJobs,
+    declared_seconds,
+    read_upload,
+    rendered,
+    transcribe_upload,
+    until_disconnected,
+)
 from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ROLES, Message, Transcript
 from assistant.pipeline import FileResult, TranscriptionPipeline
@@ -330,7 +338,7 @@ def create_app(services: Services) -> FastAPI:
         """Starlette's own refusals (unknown route 404, wrong method 405, a malformed multipart body 400) in our
         error shape, not its ``{"detail": ...}``."""
         code = {400: "bad-request", 404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        services.metrics.errors.labels(code=code).inc()
+        services.metrics.error(code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
@@ -344,7 +352,7 @@ def create_app(services: Services) -> FastAPI:
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         """A failure we did not foresee still answers in our error shape; the server goes on."""
         failure = AssistantError(f"the request failed: {type(exc).__name__}: {str(exc)[:300]}")
-        services.metrics.errors.labels(code="internal").inc()
+        services.metrics.error("internal")
         return JSONResponse(error_body(failure), status_code=500)
 
     @app.get("/metrics")
@@ -356,8 +364,7 @@ def create_app(services: Services) -> FastAPI:
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
         """Up or not, for anyone; the models and open sessions only for a caller with the API key."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if not services.api_keys or scheme.lower() != "bearer" or not services.key_of(token.strip()):
+        if not services.api_keys or not services.key_of(bearer_token(request.headers.get("authorization"))):
             return {"status": "ok"}
         return {"status": "ok", "asr": config.asr.model, "llm": config.llm.model, "sessions": services.sessions}
 
@@ -387,9 +394,13 @@ def create_app(services: Services) -> FastAPI:
         job says how far it is and keeps its result in every format for a while (the page's file queue)."""
         async with read_upload(request, limit_bytes, config.server.max_upload_mb, keep=True) as upload:
             services.transcription.check_language(upload.language)  # refused now, as the synchronous route does
-            job = services.jobs.start(request.state.client, upload,
+            declared: float | None = None  # unknown: an unreadable file, whose job fails saying why
+            with contextlib.suppress(AudioDecodeError):
+                declared = await declared_seconds(upload)
+            job = services.jobs.start(request.state.client, upload, declared or 0.0,
                                       lambda job: transcribe_upload(services, job.client, upload, job.abandoned,
-                                                                    on_progress=job.progress))  # fmt: skip
+                                                                    on_progress=job.progress,
+                                                                    declared=declared))  # fmt: skip
         return JSONResponse(job.describe(), status_code=202)
 
     @app.get("/v1/transcription_jobs/{job_id}")
@@ -463,7 +474,7 @@ def create_app(services: Services) -> FastAPI:
         texts = services.worker.stream(lambda: deltas(cancel), cancel)
 
         def failed(exc: AssistantError) -> str:
-            services.metrics.errors.labels(code=exc.code).inc()
+            services.metrics.error(exc.code)
             return f"data: {json.dumps(error_body(exc))}\n\n"
 
         async def events() -> AsyncIterator[str]:
@@ -524,8 +535,8 @@ def create_app(services: Services) -> FastAPI:
         return ConversationStore(Path(config.server.conversation_dir).expanduser())
 
     def key_of_request(request: Request) -> str:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return services.key_of(token.strip() if scheme.lower() == "bearer" else "") or ""
+        """The key RequestGate found on this /v1 request ("" when the server has none)."""
+        return str(request.state.key)
 
     @app.get("/v1/personas")
     async def personas() -> dict[str, Any]:
@@ -620,26 +631,25 @@ def create_app(services: Services) -> FastAPI:
             raise NotFoundError("no such page file")
         return FileResponse(path, headers={"cache-control": "no-cache"})
 
-    app.add_middleware(RequestGate, services=services, limit_bytes=limit_bytes)
+    app.add_middleware(RequestGate, services=services)
     # added last, so outermost: it sees every request first, and whatever a stop cancels inside it
     policy = AccessPolicy.for_server(config.server.host, config.server.port, config.server.allowed_hosts,
                                      config.server.allowed_origins)  # fmt: skip
     app.add_middleware(AccessGuard, policy=policy, limit_bytes=limit_bytes,
-                       on_refused=lambda code: services.metrics.errors.labels(code=code).inc(),
+                       on_refused=services.metrics.error,
                        stopping=lambda: SHUTDOWN_MESSAGE if services.shutdown.stopping else None)  # fmt: skip
     return app
 
 
 class RequestGate:
     """ASGI middleware admitting each HTTP request: not while stopping, the API key (``/v1``, ``/metrics``, the
-    route listing), the client's request rate, a declared body over the limit, and ``server.max_requests`` in
-    progress. Plain ASGI, not Starlette's BaseHTTPMiddleware, whose task group hides a client's disconnect from
+    route listing), the client's request rate, and ``server.max_requests`` in progress (body sizes are
+    AccessGuard's). Plain ASGI, not Starlette's BaseHTTPMiddleware, whose task group hides a client's disconnect from
     ``Request.is_disconnected`` (an abandoned upload must notice)."""
 
-    def __init__(self, app: Any, services: Services, limit_bytes: int) -> None:
+    def __init__(self, app: Any, services: Services) -> None:
         self._app = app
         self._services = services
-        self._limit_bytes = limit_bytes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -652,13 +662,10 @@ class RequestGate:
             api = request.url.path.startswith("/v1/")
             listing = ("/docs", "/openapi.json") if limits.docs else ()  # else they do not exist: 404 for anyone
             if api or request.url.path == "/metrics" or request.url.path in listing:
-                key = _check_key(services, request.headers.get("authorization"))
-                request.state.client = client_of(key, request.client)
+                request.state.key = _check_key(services, request.headers.get("authorization"))
+                request.state.client = client_of(request.state.key, request.client)
                 if api:
                     services.rate_limits.request(request.state.client)
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self._limit_bytes:
-                raise LimitError(f"the request body is over server.max_upload_mb ({limits.max_upload_mb} MB)")
             with services.lock:
                 if services.requests >= limits.max_requests:
                     raise BusyError(f"the server is busy ({limits.max_requests} requests in progress, "
@@ -699,10 +706,15 @@ def _usage(stats: Any) -> dict[str, int]:
             "total_tokens": stats.prompt_tokens + stats.completion_tokens}  # fmt: skip
 
 
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer TOKEN`` header ("" for none or another scheme)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def _check_key(services: Services, authorization: str | None) -> str:
     """The configured key the request carries ("" when the server has none); AuthError otherwise."""
-    scheme, _, token = (authorization or "").partition(" ")
-    key = services.key_of(token.strip() if scheme.lower() == "bearer" else "")
+    key = services.key_of(bearer_token(authorization))
     if key is None:
         raise AuthError("missing or wrong API key: send 'Authorization: Bearer <server.api_key>'")
     return key
@@ -718,7 +730,7 @@ def client_of(key: str, address: Any) -> str:
 def error_response(services: Services, exc: AssistantError, default_status: int) -> JSONResponse:
     """An error in OpenAI's shape, counted in the metrics; 429 carries Retry-After (and the openai SDK's
     retry-after-ms); 503 on stopping and 413 close the connection (the rest of a body too big is not read)."""
-    services.metrics.errors.labels(code=exc.code).inc()
+    services.metrics.error(exc.code)
     headers = {}
     if isinstance(exc, RateLimitError):
         wait = exc.retry_after_s

@@ -80,14 +80,13 @@ def verbose_json(transcript: Transcript, granularities: frozenset[str]) -> dict[
 AUDIO_RATE_SETTING = "server.rate_limit_audio_minutes_per_hour"
 
 
-async def count_upload_audio(services: Services, client: str, path: Path,
-                             limit: AudioLimit) -> tuple[float, AudioLimit]:  # fmt: skip
-    """Count an upload's declared seconds against the client's audio allowance before any work (RateLimitError
+def count_upload_audio(services: Services, client: str, declared: float,
+                       limit: AudioLimit) -> tuple[float, AudioLimit]:  # fmt: skip
+    """Count an upload's ``declared`` seconds against the client's audio allowance before any work (RateLimitError
     when over it). A file that declares no duration is held, while it is decoded, to what the allowance has left
     (the AudioLimit returned; RateLimitError now when nothing is left) and counted once transcribed."""
     if services.rate_limits.audio is None:
         return 0.0, limit
-    declared = (await asyncio.to_thread(probe, path)).declared_s
     if declared > 0:
         services.rate_limits.audio_seconds(client, declared)
         return declared, limit
@@ -164,13 +163,17 @@ async def read_upload(request: Request, limit_bytes: int, max_mb: float, *,
 
 async def transcribe_upload(services: Services, client: str, upload: Upload, abandoned: threading.Event, *,
                             wait: Callable[[Awaitable[FileResult]], Awaitable[FileResult]] | None = None,
-                            on_progress: Callable[[float], None] | None = None) -> FileResult:  # fmt: skip
+                            on_progress: Callable[[float], None] | None = None,
+                            declared: float | None = None) -> FileResult:  # fmt: skip
     """Transcribe a saved upload: counted against ``client``'s audio allowance, one upload at a time beside the
     model worker, stopped before its next unit when ``abandoned`` is set or the server stops. ``wait`` awaits the
-    work (the synchronous route watches for the client leaving meanwhile)."""
+    work (the synchronous route watches for the client leaving meanwhile). ``declared``: the seconds the file
+    declares when the caller probed it already (else it is probed here)."""
     limit = AudioLimit(services.config.server.max_upload_audio_s, "server.max_upload_audio_s")
     try:
-        counted, limit = await count_upload_audio(services, client, upload.path, limit)
+        if declared is None:
+            declared = await declared_seconds(upload)
+        counted, limit = count_upload_audio(services, client, declared, limit)
         try:
             async with services.bulk:
                 services.shutdown.check()  # the stop came while this upload waited for the one before
@@ -194,6 +197,15 @@ async def transcribe_upload(services: Services, client: str, upload: Upload, aba
     services.rate_limits.settle_audio(client, counted, result.transcript.audio_s)
     services.metrics.transcription(result.transcript.audio_s)
     return result
+
+
+async def declared_seconds(upload: Upload) -> float:
+    """The seconds the upload's container declares (0.0: none), probed off the event loop (ffprobe); a file ffprobe
+    cannot read raises AudioDecodeError naming the client's file."""
+    try:
+        return (await asyncio.to_thread(probe, upload.path)).declared_s
+    except AudioDecodeError as exc:
+        raise AudioDecodeError(exc.message.replace(str(upload.path), upload.filename)) from None
 
 
 def rendered(transcript: Transcript, response_format: str, granularities: frozenset[str], cues: CueOptions) -> Response:
@@ -255,14 +267,14 @@ class TranscriptionJobs:
         self._jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, client: str, upload: Upload, run: Callable[[Job], Awaitable[FileResult]]) -> Job:
+    def start(self, client: str, upload: Upload, declared: float,
+              run: Callable[[Job], Awaitable[FileResult]]) -> Job:  # fmt: skip
         self._forget_old()
         if len(self._jobs) >= MAX_JOBS:
             raise LimitError(f"{MAX_JOBS} transcription jobs are kept already; wait for some to finish, or delete "
                              "finished ones")  # fmt: skip
-        job = Job(f"tjob_{uuid.uuid4().hex[:20]}", client, upload.filename, upload.granularities)
-        with contextlib.suppress(AssistantError):
-            job.duration_s = probe(upload.path).declared_s or None
+        job = Job(f"tjob_{uuid.uuid4().hex[:20]}", client, upload.filename, upload.granularities,
+                  duration_s=declared or None)  # fmt: skip
         self._jobs[job.id] = job
         task = asyncio.ensure_future(self._run(job, upload, run))
         self._tasks.add(task)
@@ -292,7 +304,7 @@ class TranscriptionJobs:
             job.status, job.error = "failed", exc
         except Exception as exc:  # a fault of ours fails this job only
             job.status, job.error = "failed", AssistantError(f"the transcription failed: {type(exc).__name__}: {exc}")
-        except BaseException:  # ClientDisconnect (cancelled) or the server's end
+        except BaseException:  # the task itself cancelled: the server's end
             job.status = "cancelled"
             raise
         finally:
