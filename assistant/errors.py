@@ -16,9 +16,10 @@ class AssistantError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault (OpenAI's error ``param``), when a request field is
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -63,7 +64,14 @@ class LlmError(AssistantError):
 
 
 class PromptTooLongError(AssistantError):
+    """The prompt does not fit the model's context window; the sizes, when known, say by how much."""
+
     code = "prompt-too-long"
+
+    def __init__(self, message: str, *, prompt_tokens: int | None = None, context_tokens: int | None = None) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.context_tokens = context_tokens
 
 
 class TemplateError(AssistantError):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -96,17 +96,60 @@ class Timings:
     total_s: float = 0.0
 
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made (OpenAI's ``tool_calls[]`` item): ``arguments`` is JSON text, as OpenAI sends
+    it (a model may write invalid JSON unless its choice was constrained)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call (OpenAI's ``tools[]`` item of type function): ``parameters`` is its JSON
+    Schema."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool = False
+
+    def to_openai(self) -> dict[str, Any]:
+        """The ``tools[]`` item as OpenAI's API (and chat templates, as transformers passes them) write it."""
+        function: dict[str, Any] = {"name": self.name, "description": self.description, "parameters": self.parameters}
+        if self.strict:
+            function["strict"] = True
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The functions offered for one reply. ``choice``: ``auto`` (the model decides), ``required`` (at least one
+    call), ``none`` (no call: the tools are not shown), or the name of the one function to call; ``parallel``: more
+    than one call in a reply allowed (OpenAI's ``parallel_tool_calls``)."""
+
+    tools: tuple[Tool, ...]
+    choice: str = "auto"
+    parallel: bool = True
 
 
 @dataclass(frozen=True)
 class Message:
-    """One turn of a conversation. ``cut`` marks a reply that was stopped before the model finished it."""
+    """One turn of a conversation. ``cut`` marks a reply that was stopped before the model finished it. An assistant
+    turn may hold ``tool_calls`` (its ``content`` then often ""); a ``tool`` turn is one call's result, naming the
+    call in ``tool_call_id``."""
 
     role: Role
     content: str
     cut: bool = False
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)

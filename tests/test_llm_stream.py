@@ -79,7 +79,7 @@ class ScriptedModel(TokenChatModel):
     def is_end(self, token: int) -> bool:
         return token == self._end
 
-    def sample(self, prompt_ids: list[int], params: SamplingConfig) -> Iterator[int]:
+    def sample(self, prompt_ids: list[int], params: SamplingConfig, output: object = None) -> Iterator[int]:
         self.prompts.append(self._tokenizer.decode(prompt_ids))
         for index, token in enumerate(self._reply_ids):
             if self._fail_after is not None and index == self._fail_after:

@@ -68,7 +68,7 @@ def test_gemma_without_system_starts_with_the_user() -> None:
 
 
 def test_a_new_reply_needs_a_user_message_last() -> None:
-    with pytest.raises(TemplateError, match="end with a user message"):
+    with pytest.raises(TemplateError, match="end with a user or tool message"):
         BUILTIN_TEMPLATES["chatml"].render([Message("user", "a"), Message("assistant", "b")])
 
 

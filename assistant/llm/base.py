@@ -15,8 +15,9 @@ from typing import Protocol
 
 from assistant.config import SamplingConfig
 from assistant.errors import AssistantError, LlmError, PromptTooLongError
+from assistant.llm.structured import JsonOutput, ToolPlan
 from assistant.llm.templates import PromptFormat
-from assistant.messages import Message, ReplyStats
+from assistant.messages import Message, ReplyStats, ToolCall, ToolUse
 
 REPLACEMENT = "\ufffd"  # what a decoder prints for bytes that are not (yet) a whole UTF-8 character
 
@@ -37,10 +38,13 @@ def generation_failed(exc: BaseException) -> AssistantError:
 
 
 class Reply:
-    """The text deltas of one reply as they are generated; ``text`` and ``stats`` are complete once it ends."""
+    """The text deltas of one reply as they are generated; ``text``, ``tool_calls`` and ``stats`` are complete once
+    it ends. A backend's generator may also yield a ToolCall the moment a call is complete: it goes to
+    ``tool_calls`` and the consumer sees an empty delta then (its cue to look)."""
 
-    def __init__(self, produce: Callable[[Reply], Iterator[str]]) -> None:
+    def __init__(self, produce: Callable[[Reply], Iterator[str | ToolCall]]) -> None:
         self.stats = ReplyStats(finish_reason="cancelled")
+        self.tool_calls: list[ToolCall] = []
         self._parts: list[str] = []
         self._deltas = produce(self)
 
@@ -49,6 +53,9 @@ class Reply:
 
     def __next__(self) -> str:
         delta = next(self._deltas)
+        if isinstance(delta, ToolCall):
+            self.tool_calls.append(delta)
+            return ""
         self._parts.append(delta)
         return delta
 
@@ -76,7 +83,14 @@ class ChatModel(Protocol):
         *,
         continue_last: bool = False,
         cancel: threading.Event | None = None,
-    ) -> Reply: ...
+        output: JsonOutput | None = None,
+        tool_use: ToolUse | None = None,
+    ) -> Reply:
+        """The reply to ``messages``. ``output`` constrains it to JSON; ``tool_use`` offers functions, whose calls
+        come in ``reply.tool_calls`` (finish_reason ``tool_calls``). Raises PromptTooLongError (prompt over the
+        window) and TemplateError (the prompt format cannot hold these messages or tools) before any generation,
+        for local backends at the call."""
+        ...
 
     def close(self) -> None:
         """Free the model's memory (and connections)."""
@@ -170,8 +184,10 @@ class TokenChatModel(ABC):
         """Whether the token ends a turn (EOS / end-of-generation)."""
 
     @abstractmethod
-    def sample(self, prompt_ids: list[int], params: SamplingConfig) -> Iterator[int]:
-        """New token ids, one at a time, for as long as they are consumed. Reuses cached prompt state if it can."""
+    def sample(self, prompt_ids: list[int], params: SamplingConfig, output: JsonOutput | None = None) -> Iterator[int]:
+        """New token ids, one at a time, for as long as they are consumed. Reuses cached prompt state if it can.
+        With ``output`` only tokens that keep the text a prefix of a JSON value obeying its schema are allowed, and
+        once the value is complete only an end-of-generation token."""
 
     @property
     def cached_tokens(self) -> int:
@@ -181,12 +197,17 @@ class TokenChatModel(ABC):
     def close(self) -> None:  # noqa: B027 - backends without resources need nothing
         """Free the model."""
 
-    def render(self, messages: Sequence[Message], *, continue_last: bool = False) -> str:
-        return self.template.render(messages, continue_last=continue_last)
+    def render(
+        self, messages: Sequence[Message], *, continue_last: bool = False, tool_use: ToolUse | None = None
+    ) -> str:
+        """The prompt text: the template's rendering, with the opening of a forced tool call after it when
+        ``tool_use`` requires one (see ``assistant.llm.tools``)."""
+        plan = ToolPlan.of(self.template, tool_use)
+        return self.template.render(messages, continue_last=continue_last, tools=plan.shown) + plan.prefill
 
-    def count_tokens(self, messages: Sequence[Message]) -> int:
-        open_reply = bool(messages) and messages[-1].role == "assistant"
-        return len(self.tokenize(self.render(messages, continue_last=open_reply)))
+    def count_tokens(self, messages: Sequence[Message], tool_use: ToolUse | None = None) -> int:
+        open_reply = bool(messages) and messages[-1].role == "assistant" and not messages[-1].tool_calls
+        return len(self.tokenize(self.render(messages, continue_last=open_reply, tool_use=tool_use)))
 
     def stream(
         self,
@@ -195,24 +216,38 @@ class TokenChatModel(ABC):
         *,
         continue_last: bool = False,
         cancel: threading.Event | None = None,
+        output: JsonOutput | None = None,
+        tool_use: ToolUse | None = None,
     ) -> Reply:
-        prompt_ids = self.tokenize(self.render(messages, continue_last=continue_last))
+        plan = ToolPlan.of(self.template, tool_use)
+        prompt_ids = self.tokenize(self.render(messages, continue_last=continue_last, tool_use=tool_use))
         room = self.context_tokens - len(prompt_ids)
         if room < 1:
             raise PromptTooLongError(
                 f"the prompt is {len(prompt_ids)} tokens but the context holds {self.context_tokens}; shorten the "
-                "conversation (/reset) or raise llm.context_tokens"
+                "conversation or raise llm.context_tokens",
+                prompt_tokens=len(prompt_ids),
+                context_tokens=self.context_tokens,
             )
-        return Reply(lambda reply: self._deltas(reply, prompt_ids, params, min(room, params.max_new_tokens), cancel))
+        limit = min(room, params.max_new_tokens)
+        constraint = plan.constraint or output
+        if not plan.parses:
+            return Reply(lambda reply: self._deltas(reply, prompt_ids, params, limit, cancel, constraint))
+        return Reply(
+            lambda reply: plan.calls(reply, self._deltas(reply, prompt_ids, params, limit, cancel, constraint))
+        )
 
-    def complete(self, messages: Sequence[Message], params: SamplingConfig) -> tuple[str, ReplyStats]:
-        """The whole reply at once, decoded once at the end (no stop strings): the non-streaming peer of ``stream``."""
+    def complete(
+        self, messages: Sequence[Message], params: SamplingConfig, output: JsonOutput | None = None
+    ) -> tuple[str, ReplyStats]:
+        """The whole reply at once, decoded once at the end (no stop strings): the non-streaming peer of ``stream``
+        (benchmarks compare the two)."""
         started = time.perf_counter()
         prompt_ids = self.tokenize(self.render(messages))
         limit = min(self.context_tokens - len(prompt_ids), params.max_new_tokens)
         generated: list[int] = []
         first_s, finish = 0.0, "length"
-        tokens = self.sample(prompt_ids, params)
+        tokens = self.sample(prompt_ids, params, output)
         try:
             for token in tokens:
                 first_s = first_s or time.perf_counter() - started
@@ -235,12 +270,13 @@ class TokenChatModel(ABC):
         params: SamplingConfig,
         limit: int,
         cancel: threading.Event | None,
+        output: JsonOutput | None = None,
     ) -> Iterator[str]:
         started = time.perf_counter()
         detokenizer = IncrementalDetokenizer(self.decode)
         stops = StopMatcher((*params.stop, *self.template.stop_strings))
         count, first_s, finish = 0, 0.0, "cancelled"
-        tokens = self.sample(prompt_ids, params)
+        tokens = self.sample(prompt_ids, params, output)
         try:
             for token in tokens:
                 first_s = first_s or time.perf_counter() - started

@@ -20,6 +20,7 @@ from assistant.config import LlmConfig, SamplingConfig
 from assistant.devices import pick_attention, pick_device, pick_dtype, quiet_model_libraries
 from assistant.errors import ConfigError, ModelLoadError
 from assistant.llm.base import TokenChatModel
+from assistant.llm.structured import JsonOutput
 from assistant.llm.templates import JinjaTemplate, choose_template
 from assistant.models import ModelLocation, gguf_file, hub_unreachable, resolve_model
 
@@ -131,7 +132,7 @@ class HFChatModel(TokenChatModel):
     def cached_tokens(self) -> int:
         return self._cached
 
-    def sample(self, prompt_ids: list[int], params: SamplingConfig) -> Iterator[int]:
+    def sample(self, prompt_ids: list[int], params: SamplingConfig, output: JsonOutput | None = None) -> Iterator[int]:
         try:
             yield from self._sample(prompt_ids, params)
         except self._torch.OutOfMemoryError:

@@ -16,6 +16,7 @@ from typing import Any
 from assistant.config import LlmConfig, SamplingConfig
 from assistant.errors import ConfigError, ModelLoadError
 from assistant.llm.base import TokenChatModel
+from assistant.llm.structured import JsonOutput
 from assistant.llm.templates import JinjaTemplate, choose_template
 from assistant.models import gguf_file, resolve_model
 
@@ -93,7 +94,7 @@ class LlamaCppChatModel(TokenChatModel):
     def cached_tokens(self) -> int:
         return self._cached
 
-    def sample(self, prompt_ids: list[int], params: SamplingConfig) -> Iterator[int]:
+    def sample(self, prompt_ids: list[int], params: SamplingConfig, output: JsonOutput | None = None) -> Iterator[int]:
         self._cached = self._common_prefix(prompt_ids)
         self._llm.set_seed(params.seed if params.seed is not None else random.randrange(2**31))
         return self._llm.generate(

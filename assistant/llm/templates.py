@@ -16,18 +16,19 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from assistant.errors import TemplateError
-from assistant.messages import Message
+from assistant.messages import Message, Tool, ToolCall
 
 
 class PromptFormat(Protocol):
     name: str
     stop_strings: tuple[str, ...]  # end-of-turn text a model may print instead of its end-of-sequence token
 
-    def render(self, messages: Sequence[Message], *, continue_last: bool = False) -> str:
-        """The prompt for the next reply; with ``continue_last`` the final assistant message is left open."""
+    def render(self, messages: Sequence[Message], *, continue_last: bool = False, tools: Sequence[Tool] = ()) -> str:
+        """The prompt for the next reply; with ``continue_last`` the final assistant message is left open; ``tools``
+        are described to the model (templates that have a tool format only)."""
         ...
 
 
@@ -129,7 +130,13 @@ class BuiltinTemplate:
     renderer: Renderer
     name_pattern: str  # regex matched against a model reference by ``auto``
 
-    def render(self, messages: Sequence[Message], *, continue_last: bool = False) -> str:
+    def render(self, messages: Sequence[Message], *, continue_last: bool = False, tools: Sequence[Tool] = ()) -> str:
+        if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+            raise TemplateError(
+                f"the built-in template '{self.name}' has no format for tools or tool turns; use a model whose own "
+                "chat template supports tools (Qwen2.5 does)",
+                param="tools" if tools else "messages",
+            )
         system, turns = split_system(messages)
         _check_last(turns, continue_last)
         return self.renderer(system, turns, continue_last)
@@ -186,10 +193,10 @@ def split_system(messages: Sequence[Message]) -> tuple[str | None, list[Message]
 
 
 def _check_last(turns: Sequence[Message], continue_last: bool) -> None:
-    expected = "assistant" if continue_last else "user"
-    if not turns or turns[-1].role != expected:
+    expected = ("assistant",) if continue_last else ("user", "tool")
+    if not turns or turns[-1].role not in expected:
         what = "continuing a reply" if continue_last else "a new reply"
-        raise TemplateError(f"{what} needs the conversation to end with a {expected} message")
+        raise TemplateError(f"{what} needs the conversation to end with a {' or '.join(expected)} message")
 
 
 # --- the model's own (Jinja) chat template ------------------------------------------------------------------------
@@ -218,25 +225,29 @@ class JinjaTemplate:
             ) from None
         self._special = {"bos_token": bos_token, "eos_token": eos_token}
         self.stop_strings: tuple[str, ...] = (eos_token,) if eos_token else ()
+        self.source = source
 
-    def render(self, messages: Sequence[Message], *, continue_last: bool = False) -> str:
+    def render(self, messages: Sequence[Message], *, continue_last: bool = False, tools: Sequence[Tool] = ()) -> str:
         _check_last(split_system(messages)[1], continue_last)
         try:
-            return self._render(messages, continue_last)
+            return self._render(messages, continue_last, tools)
         except _TemplateRaised as exc:
             if "system" not in str(exc).lower():
                 raise TemplateError(f"the model's chat template refused the conversation: {exc}") from None
         # templates that reject a system role (Gemma's) get it folded into the first user turn
         system, turns = split_system(messages)
-        return self._render(fold_system(system, turns), continue_last)
+        return self._render(fold_system(system, turns), continue_last, tools)
 
-    def _render(self, messages: Sequence[Message], continue_last: bool) -> str:
+    def _render(self, messages: Sequence[Message], continue_last: bool, tools: Sequence[Tool]) -> str:
         from jinja2 import TemplateError as JinjaError
 
-        rendered_messages = [{"role": m.role, "content": m.content} for m in messages]
+        extra = {"tools": [tool.to_openai() for tool in tools]} if tools else {}
         try:
             text = self._template.render(
-                messages=rendered_messages, add_generation_prompt=not continue_last, **self._special
+                messages=[_as_template_message(m) for m in messages],
+                add_generation_prompt=not continue_last,
+                **self._special,
+                **extra,
             )
         except _TemplateRaised:
             raise
@@ -245,6 +256,29 @@ class JinjaTemplate:
         if continue_last:
             text = _cut_after_final_message(text, messages[-1].content)
         return text
+
+
+def _as_template_message(message: Message) -> dict[str, Any]:
+    """A message as transformers hands it to chat templates: OpenAI's fields, a tool call's ``arguments`` parsed
+    into an object (templates write them with ``tojson``; a string would come out quoted twice)."""
+    rendered: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        rendered["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": _arguments(call)}}
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        rendered["tool_call_id"] = message.tool_call_id
+    return rendered
+
+
+def _arguments(call: ToolCall) -> Any:
+    import json
+
+    try:
+        return json.loads(call.arguments)
+    except ValueError:
+        return call.arguments
 
 
 class _TemplateRaised(Exception):
