@@ -19,7 +19,7 @@ class AssistantError(Exception):
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param  # the request field at fault (OpenAI's error ``param``), when a request field is
+        self.param = param  # the request field at fault (OpenAI's error ``param``), when one is
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -27,6 +27,16 @@ class AssistantError(Exception):
 
 class ConfigError(AssistantError):
     code = "config"
+
+
+class InvalidRequestError(ConfigError):
+    """An API request field refused, with OpenAI's code for why: ``unknown_parameter`` (not in OpenAI's reference),
+    ``unsupported_parameter`` / ``unsupported_value`` (OpenAI's, not done here), ``invalid_value`` /
+    ``invalid_type`` (malformed), ``model_not_found``. ``param`` names the field (``messages[2].content[0]``)."""
+
+    def __init__(self, message: str, *, param: str, code: str = "invalid_value") -> None:
+        super().__init__(message, param=param)
+        self.code = code
 
 
 class AudioDecodeError(AssistantError):

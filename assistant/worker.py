@@ -88,7 +88,7 @@ class ModelWorker:
     async def run(self, job: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self.submit(job))
 
-    def stream(self, make: Callable[[], Iterator[str]], cancel: threading.Event) -> AsyncIterator[str]:
+    def stream(self, make: Callable[[], Iterator[T]], cancel: threading.Event) -> AsyncIterator[T]:
         """Queue ``make()`` on the worker now (BusyError at once when the queue is full, before any byte of a
         response) and return an async iterator of its items as they come; leaving it early sets ``cancel``."""
         loop = asyncio.get_running_loop()

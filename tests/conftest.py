@@ -239,3 +239,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def served_chat_model(api: object) -> str:
+    """The chat model a running server serves (its first /v1/models id): chat completions must name it."""
+    return str(api.models.list().data[0].id)  # type: ignore[attr-defined]

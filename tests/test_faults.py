@@ -29,6 +29,7 @@ import pytest
 
 from assistant.conversation import Conversation
 from tests.conftest import meeting_speech, require, require_offline_models, require_tool, speak
+from tests.conftest import served_chat_model as served
 from tests.test_server import ANSWERED, events_until, free_port, start_server, ws_url
 
 pytestmark = [pytest.mark.real_model, pytest.mark.reliability]
@@ -122,14 +123,14 @@ def test_backend_raising_mid_stream_fails_that_request_only(faulty_server: tuple
     faults.arm(RuntimeError("CUDA error: an illegal memory access was encountered"), after_calls=4)
     received = []
     with pytest.raises(openai.APIError, match="generation failed: RuntimeError: CUDA error"):
-        for chunk in api.chat.completions.create(model="m", messages=messages, stream=True):
+        for chunk in api.chat.completions.create(model=served(api), messages=messages, stream=True):
             received.append(chunk)
     assert len(received) > 1  # it failed in the middle of the stream, after some text
     faults.arm(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), after_calls=3)
     with pytest.raises(openai.InternalServerError, match="ran out of memory.*llm.context_tokens") as failed:
-        api.chat.completions.create(model="m", messages=messages)
+        api.chat.completions.create(model=served(api), messages=messages)
     assert failed.value.status_code == 500
-    answer = api.chat.completions.create(model="m", messages=messages)  # the next request is served as usual
+    answer = api.chat.completions.create(model=served(api), messages=messages)  # the next request is served as usual
     assert answer.choices[0].message.content and answer.usage and answer.usage.completion_tokens == 12
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import meeting_speech, require_offline_models, speak
+from tests.conftest import served_chat_model as served
 from tests.test_server import start_server, ws_url
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.reliability]
@@ -155,7 +156,7 @@ def test_a_chat_request_is_not_stuck_behind_a_long_transcription(tmp_path: Path)
         def chat_seconds() -> float:
             """A chat request of 128 tokens (a short answer: about 1.5 s on this CPU)."""
             started = time.monotonic()
-            api.chat.completions.create(model="m", max_tokens=128, temperature=0, messages=[
+            api.chat.completions.create(model=served(api), max_tokens=128, temperature=0, messages=[
                 {"role": "user", "content": "Write a long story about a dragon."}])  # fmt: skip
             return time.monotonic() - started
 

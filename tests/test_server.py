@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_offline_models, speak
+from tests.conftest import served_chat_model as served
 
 pytestmark = pytest.mark.real_model
 openai = pytest.importorskip("openai")
@@ -98,12 +99,15 @@ def test_chat_completions_streamed_and_whole_agree(server: str) -> None:
 def test_sampling_parameters_are_honoured(server: str) -> None:
     api = client(server)
     messages = [{"role": "user", "content": "Write a long story about a dragon."}]
-    short = api.chat.completions.create(model="m", messages=messages, max_tokens=3, temperature=0)
+    short = api.chat.completions.create(model=served(api), messages=messages, max_tokens=3, temperature=0)
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
-    seeded = [api.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=1.0, seed=7)
+    seeded = [api.chat.completions.create(model=served(api), messages=messages, max_tokens=12, temperature=1.0,
+                                          seed=7)
               .choices[0].message.content for _ in range(2)]  # fmt: skip
     assert seeded[0] == seeded[1]
-    stopped = api.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0, stop=["dragon"])
+    stopped = api.chat.completions.create(
+        model=served(api), messages=messages, max_tokens=24, temperature=0, stop=["dragon"]
+    )
     assert "dragon" not in stopped.choices[0].message.content
 
 
@@ -143,9 +147,9 @@ def test_word_timestamps_as_the_openai_sdk_asks_for_them(server: str, question: 
 def test_bad_requests_get_4xx_with_a_code(server: str, tmp_path: Path) -> None:
     api = client(server)
     with pytest.raises(openai.BadRequestError, match="messages\\[0\\]"):
-        api.chat.completions.create(model="m", messages=[{"role": "robot", "content": "x"}])
+        api.chat.completions.create(model=served(api), messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="top_p"):
-        api.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], top_p=5)
+        api.chat.completions.create(model=served(api), messages=[{"role": "user", "content": "x"}], top_p=5)
     fake = tmp_path / "song.mp3"
     fake.write_bytes(b"this is not audio")
     with (
@@ -162,7 +166,8 @@ def test_overload_is_a_busy_error_not_a_crash(server: str) -> None:
 
     def ask(_: int) -> str:
         try:
-            api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me a story."}],
+            api.chat.completions.create(model=served(api),
+                                        messages=[{"role": "user", "content": "Tell me a story."}],
                                         max_tokens=20, temperature=0)  # fmt: skip
             return "ok"
         except openai.APIStatusError as exc:
@@ -349,11 +354,11 @@ def test_metrics_in_prometheus_format(server: str, question: Path) -> None:
 
     before = scrape()
     api = client(server)
-    api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    api.chat.completions.create(model=served(api), messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     with question.open("rb") as audio:
         api.audio.transcriptions.create(model="whisper-1", file=audio)
     with pytest.raises(openai.BadRequestError):
-        api.chat.completions.create(model="m", messages=[{"role": "robot", "content": "x"}])
+        api.chat.completions.create(model=served(api), messages=[{"role": "robot", "content": "x"}])
     after = scrape()
 
     def grew(name: str) -> float:
@@ -363,7 +368,7 @@ def test_metrics_in_prometheus_format(server: str, question: Path) -> None:
     assert grew("assistant_transcriptions_total[]") == 1
     assert grew("assistant_audio_seconds_total[('source', 'upload')]") > 1
     assert grew("assistant_tokens_total[('kind', 'completion')]") >= 1
-    assert grew("assistant_errors_total[('code', 'config')]") == 1
+    assert grew("assistant_errors_total[('code', 'invalid_value')]") == 1
     assert grew("assistant_time_to_first_token_seconds_count[]") == 1
     assert grew("assistant_queue_wait_seconds_count[]") >= 2
     assert "assistant_open_sessions[]" in after and "assistant_queue_depth[]" in after

@@ -19,6 +19,7 @@ import pytest
 
 from assistant.conversation import Conversation
 from tests.conftest import meeting_speech, require_offline_models
+from tests.conftest import served_chat_model as served
 from tests.test_server import events_until, start_server, ws_url
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.reliability]
@@ -45,7 +46,9 @@ def test_sigterm_mid_work_tells_every_client_keeps_the_saved_conversation_whole_
             api.audio.transcriptions.create(model="whisper-1", file=audio)
 
     def chat_stream() -> None:
-        stream = api.chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": "Hi"}])
+        stream = api.chat.completions.create(
+            model=served(api), stream=True, messages=[{"role": "user", "content": "Hi"}]
+        )
         outcome["chunks"] = sum(1 for _ in stream)
 
     async def realtime_then_signal(pool: concurrent.futures.ThreadPoolExecutor) -> dict[str, Any]:

@@ -966,8 +966,8 @@ def _error_fields(exc: BaseException, event_id: str | None = None, code: str | N
     client_side = our_code in ("config", "limit", "unauthorized", "conversation", "prompt-too-long",
                                "rate_limit_exceeded")  # fmt: skip
     kind = "invalid_request_error" if client_side else "server_error"
-    return {"type": kind, "code": code or our_code, "message": public_message(exc), "param": None,
-            "event_id": event_id}  # fmt: skip
+    return {"type": kind, "code": code or our_code, "message": public_message(exc),
+            "param": getattr(exc, "param", None), "event_id": event_id}  # fmt: skip
 
 
 def _string(event: dict[str, Any], key: str, where: str) -> str:

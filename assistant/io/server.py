@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from assistant import registry
 from assistant.asr.cues import CueOptions
 from assistant.chat import ChatSession
-from assistant.config import Config, SamplingConfig, build
+from assistant.config import Config
 from assistant.conversation import Conversation, load_persona
 from assistant.errors import (
     AssistantError,
@@ -42,8 +42,10 @@ from assistant.errors import (
     BusyError,
     ConfigError,
     ConflictError,
+    InvalidRequestError,
     LimitError,
     NotFoundError,
+    PromptTooLongError,
     RateLimitError,
     ShutdownError,
     UnsupportedMediaTypeError,
@@ -51,6 +53,7 @@ from assistant.errors import (
 )
 from assistant.files import ExclusiveLock
 from assistant.io.access import AccessGuard, AccessPolicy, is_loopback
+from assistant.io.chat_request import ChatRequest, chat_request
 from assistant.io.conversations import ConversationStore, describe, items
 from assistant.io.metrics import ServerMetrics
 from assistant.io.rate_limit import RateLimits
@@ -64,7 +67,7 @@ from assistant.io.uploads import (
     until_disconnected,
 )
 from assistant.llm.base import ChatModel, generation_failed
-from assistant.messages import ROLES, Message, Transcript
+from assistant.messages import ReplyStats, ToolCall, Transcript
 from assistant.pipeline import FileResult, TranscriptionPipeline
 from assistant.session import Services as SessionServices
 from assistant.tts.base import Speech, check_speed
@@ -75,7 +78,8 @@ SPEECH_FORMATS = tuple(FORMATS)  # POST /v1/audio/speech response_format: mp3 (d
 MAX_SPEECH_CHARS = 4096  # POST /v1/audio/speech input, OpenAI's limit
 _STATUS = {"config": 400, "prompt-too-long": 400, "audio-decode": 400, "limit": 413, "busy": 503,
            "unauthorized": 401, "template": 400, "conversation": 400, "rate_limit_exceeded": 429,
-           "shutting-down": 503, "unsupported-media-type": 415, "not-found": 404, "conflict": 409}  # fmt: skip
+           "shutting-down": 503, "unsupported-media-type": 415, "not-found": 404, "conflict": 409,
+           "model_not_found": 404}  # fmt: skip
 WEB_DIR = Path(__file__).with_name("web")
 
 
@@ -252,36 +256,33 @@ def check_exposure(config: Config) -> None:
         )
 
 
-def error_body(exc: AssistantError) -> dict[str, Any]:
-    """OpenAI's error shape (message, type, param, code), with our stable code; no absolute server paths."""
-    return {"error": {"message": public_message(exc), "type": exc.code, "param": None, "code": exc.code}}
+def status_of(exc: AssistantError, default: int = 500) -> int:
+    """The HTTP status of an error: by its code; any other refused request field is a 400."""
+    return _STATUS.get(exc.code) or (400 if isinstance(exc, ConfigError) else default)
 
 
-def sampling_from_request(base: SamplingConfig, body: dict[str, Any]) -> SamplingConfig:
-    """The server's sampling defaults with the OpenAI request's fields over them, validated like the YAML."""
-    names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_tokens": "max_new_tokens",
-             "max_completion_tokens": "max_new_tokens", "repetition_penalty": "repetition_penalty", "seed": "seed",
-             "stop": "stop", "min_tokens": "min_new_tokens"}  # fmt: skip
-    values = dataclasses.asdict(base)
-    for field, name in names.items():
-        if body.get(field) is not None:
-            value = body[field]
-            values[name] = [value] if field == "stop" and isinstance(value, str) else value
-    return build(SamplingConfig, values, "llm.sampling")  # type: ignore[no-any-return]
+def openai_type(status: int) -> str:
+    """OpenAI's error ``type`` for a status: its request-rate 429s say ``requests``, server faults
+    ``server_error``, every other refusal ``invalid_request_error``."""
+    if status == 429:
+        return "requests"
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
-def messages_from_request(items: Any) -> list[Message]:
-    if not isinstance(items, list) or not items:
-        raise ConfigError("messages: give a non-empty list of {role, content} objects")
-    messages = []
-    for index, item in enumerate(items):
-        content = item.get("content") if isinstance(item, dict) else None
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(item, dict) or item.get("role") not in ROLES or not isinstance(content, str):
-            raise ConfigError(f"messages[{index}]: expected {{'role': system|user|assistant, 'content': text}}")
-        messages.append(Message(item["role"], content))
-    return messages
+def error_body(exc: AssistantError, status: int | None = None) -> dict[str, Any]:
+    """OpenAI's error shape (message, type, param, code) with OpenAI's codes where OpenAI has one (a prompt over
+    the window is ``context_length_exceeded`` on ``messages``, with OpenAI's wording) and our stable code elsewhere;
+    no absolute server paths, no console hints."""
+    message, code, param = public_message(exc), exc.code, exc.param
+    if isinstance(exc, PromptTooLongError):
+        code, param = "context_length_exceeded", param or "messages"
+        if exc.prompt_tokens is not None:
+            message = (
+                f"This model's maximum context length is {exc.context_tokens} tokens. However, your messages "
+                f"resulted in {exc.prompt_tokens} tokens. Please reduce the length of the messages."
+            )
+    kind = openai_type(status if status is not None else status_of(exc))
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +340,10 @@ def create_app(services: Services) -> FastAPI:
         error shape, not its ``{"detail": ...}``."""
         code = {400: "bad-request", 404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
         services.metrics.error(code)
-        message = f"{request.method} {request.url.path}: {exc.detail}"
+        where = f"{request.method} {request.url.path}"
+        message = {404: f"Invalid URL ({where})", 405: f"Invalid method for URL ({where})"}.get(
+            exc.status_code, f"{where}: {exc.detail}"
+        )  # OpenAI's words for an unknown route and a wrong method
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
@@ -353,7 +357,7 @@ def create_app(services: Services) -> FastAPI:
         """A failure we did not foresee still answers in our error shape; the server goes on."""
         failure = AssistantError(f"the request failed: {type(exc).__name__}: {str(exc)[:300]}")
         services.metrics.error("internal")
-        return JSONResponse(error_body(failure), status_code=500)
+        return JSONResponse(error_body(failure, 500), status_code=500)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -425,89 +429,66 @@ def create_app(services: Services) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request) -> Any:
+        """OpenAI's chat completions: every field honoured or refused by name (assistant/io/chat_request.py); the
+        reply streams as OpenAI streams it, tool calls included. Errors, a prompt over the window among them, come
+        before any byte of a stream, as an HTTP status the SDK raises."""
         body = await json_object(request, "an OpenAI chat completions request")
-        messages = messages_from_request(body.get("messages"))
-        params = sampling_from_request(config.llm.sampling, body)
-        continue_last = messages[-1].role == "assistant"
-        model, request_id, created = config.llm.model, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def generate(cancel: threading.Event) -> Any:
-            return services.chat_model.stream(messages, params, continue_last=continue_last, cancel=cancel)
-
-        stream, stream_options = body.get("stream"), body.get("stream_options")
-        if stream is not None and not isinstance(stream, bool):
-            raise ConfigError(f"stream: expected true or false, got {stream!r}")
-        if stream_options is not None and not isinstance(stream_options, dict):
-            raise ConfigError('stream_options: expected an object such as {"include_usage": true}')
-        if not stream:
-
-            def whole(cancel: threading.Event) -> tuple[str, Any]:
-                reply = generate(cancel)
-                text = "".join(reply)
-                return text, reply.stats
-
+        asked = chat_request(body, config.llm.sampling)
+        check_chat_model(body.get("model"), config.llm.model)
+        reply_of = ChatReplyWriter(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), config.llm.model)
+        if not asked.stream:
             with services.shutdown.cancellable() as cancel:
                 try:
-                    text, stats = await services.worker.run(lambda: whole(cancel))
+                    items = await services.worker.run(lambda: list(generate(services, asked, cancel)))
                 except AssistantError:
                     raise
                 except Exception as exc:
                     raise generation_failed(exc) from exc
             services.shutdown.check()  # stopped mid-reply: 503, not a cut answer passed off as complete
+            stats = items[-1]
             services.metrics.completion(stats, stream=False)
-            return {
-                "id": request_id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "length" if stats.finish_reason == "length" else "stop"}],
-                "usage": _usage(stats),
-            }  # fmt: skip
-        include_usage = bool((stream_options or {}).get("include_usage"))
-        holder: dict[str, Any] = {}
-
-        def deltas(cancel: threading.Event) -> Any:
-            reply = generate(cancel)
-            yield from reply
-            holder["stats"] = reply.stats
-
-        # queued now, before any byte is sent: a full queue is a plain 503 the client can retry, not an event
+            return reply_of.whole(items)
+        # queued now and read up to the first token before any byte is sent: a full queue, a prompt over the window
+        # or a refused request is a plain HTTP error the client can act on, not an event inside a 200 stream
         cancel = threading.Event()
-        texts = services.worker.stream(lambda: deltas(cancel), cancel)
+        items = aiter(services.worker.stream(lambda: generate(services, asked, cancel), cancel))
+        with services.shutdown.cancellable(cancel):
+            try:
+                first = await anext(items)
+            except AssistantError:
+                raise
+            except Exception as exc:
+                raise generation_failed(exc) from exc
 
         def failed(exc: AssistantError) -> str:
             services.metrics.error(exc.code)
             return f"data: {json.dumps(error_body(exc))}\n\n"
 
         async def events() -> AsyncIterator[str]:
-            def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-                data = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-                return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-            yield chunk({"role": "assistant", "content": ""})
+            yield reply_of.chunk({"role": "assistant", "content": ""})
+            stats = None
             with services.shutdown.cancellable(cancel):
                 try:
-                    async for text in texts:
-                        if await request.is_disconnected():
+                    async for item in prepend(first, items):
+                        if isinstance(item, ReplyStats):
+                            stats = item
+                        elif await request.is_disconnected():
                             return  # leaving the stream sets cancel: generation stops, the worker is free
-                        yield chunk({"content": text})
+                        else:
+                            for chunk in reply_of.delta(item):
+                                yield chunk
                 except AssistantError as exc:  # the server is stopping, or the generation was refused
                     yield failed(exc)
                     return
                 except Exception as exc:  # the stream ends with an error event; the server goes on
                     yield failed(generation_failed(exc))
                     return
-            if services.shutdown.stopping:  # cut by the stop: say so instead of finishing as if complete
+            if services.shutdown.stopping or stats is None:  # cut by the stop: say so instead of finishing
                 yield failed(ShutdownError(SHUTDOWN_MESSAGE))
                 return
-            stats = holder.get("stats")
-            if stats is not None:
-                services.metrics.completion(stats, stream=True)
-            yield chunk({}, "length" if stats is not None and stats.finish_reason == "length" else "stop")
-            if include_usage and stats is not None:
-                usage = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                         "choices": [], "usage": _usage(stats)}  # fmt: skip
-                yield f"data: {json.dumps(usage)}\n\n"
-            yield "data: [DONE]\n\n"
+            services.metrics.completion(stats, stream=True)
+            for chunk in reply_of.end(stats, include_usage=asked.include_usage):
+                yield chunk
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -701,6 +682,90 @@ async def json_object(request: Request, expected: str) -> dict[str, Any]:
     return body
 
 
+def check_chat_model(model: Any, served: str) -> None:
+    """``model`` must name the chat model this server serves (its id in /v1/models), as OpenAI and vLLM refuse
+    others; left out, the served model answers."""
+    if model is not None and model != served:
+        raise InvalidRequestError(f"The model `{model}` does not exist here; this server serves `{served}` (see "
+                                  "GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
+
+
+def generate(services: Services, asked: ChatRequest, cancel: threading.Event) -> Iterator[str | ToolCall | ReplyStats]:
+    """One reply on the worker thread: its text deltas and tool calls as they come, then its ReplyStats."""
+    reply = services.chat_model.stream(asked.messages, asked.sampling, continue_last=asked.continue_last,
+                                       cancel=cancel, output=asked.output, tool_use=asked.tool_use)  # fmt: skip
+    made = 0
+    for delta in reply:
+        if delta:
+            yield delta
+        while made < len(reply.tool_calls):
+            yield reply.tool_calls[made]
+            made += 1
+    yield from reply.tool_calls[made:]
+    yield reply.stats
+
+
+async def prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+@dataclasses.dataclass
+class ChatReplyWriter:
+    """A reply in OpenAI's chat completion shapes: the whole object, or ``chat.completion.chunk`` SSE events (tool
+    calls as OpenAI streams them: id, type and name first, then the arguments)."""
+
+    request_id: str
+    created: int
+    model: str
+    calls_sent: int = 0
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
+        data = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                         "finish_reason": finish}]}  # fmt: skip
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def delta(self, item: str | ToolCall) -> Iterator[str]:
+        if isinstance(item, str):
+            yield self.chunk({"content": item})
+            return
+        index, self.calls_sent = self.calls_sent, self.calls_sent + 1
+        yield self.chunk({"tool_calls": [{"index": index, "id": item.id, "type": "function",
+                                          "function": {"name": item.name, "arguments": ""}}]})  # fmt: skip
+        yield self.chunk({"tool_calls": [{"index": index, "function": {"arguments": item.arguments}}]})
+
+    def end(self, stats: ReplyStats, *, include_usage: bool) -> Iterator[str]:
+        yield self.chunk({}, finish_reason(stats))
+        if include_usage:
+            usage = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
+                     "model": self.model, "system_fingerprint": None, "choices": [],
+                     "usage": _usage(stats)}  # fmt: skip
+            yield f"data: {json.dumps(usage)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def whole(self, items: list[Any]) -> dict[str, Any]:
+        stats: ReplyStats = items[-1]
+        text = "".join(item for item in items if isinstance(item, str))
+        calls = [item for item in items if isinstance(item, ToolCall)]
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None,
+                                   "refusal": None}  # fmt: skip
+        if calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function",
+                                      "function": {"name": call.name, "arguments": call.arguments}}
+                                     for call in calls]  # fmt: skip
+        return {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "system_fingerprint": None, "service_tier": "default",
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(stats)}],
+                "usage": _usage(stats)}  # fmt: skip
+
+
+def finish_reason(stats: ReplyStats) -> str:
+    """OpenAI's finish_reason: ``tool_calls``, ``length`` (max_tokens or the window), else ``stop``."""
+    return stats.finish_reason if stats.finish_reason in ("tool_calls", "length") else "stop"
+
+
 def _usage(stats: Any) -> dict[str, int]:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
             "total_tokens": stats.prompt_tokens + stats.completion_tokens}  # fmt: skip
@@ -737,7 +802,8 @@ def error_response(services: Services, exc: AssistantError, default_status: int)
         headers = {"retry-after": str(math.ceil(wait)), "retry-after-ms": str(round(wait * 1000))}
     elif isinstance(exc, ShutdownError | LimitError):  # stopping; or a body too big to read on: hang up
         headers = {"connection": "close"}
-    return JSONResponse(error_body(exc), status_code=_STATUS.get(exc.code, default_status), headers=headers)
+    status = status_of(exc, default_status)
+    return JSONResponse(error_body(exc, status), status_code=status, headers=headers)
 
 
 def new_session(services: Services) -> ChatSession:
