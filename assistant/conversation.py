@@ -17,7 +17,7 @@ import yaml
 
 from assistant.errors import ConversationError, PromptTooLongError
 from assistant.files import atomic_write_text
-from assistant.messages import ROLES, Message
+from assistant.messages import ROLES, Message, ToolCall
 
 FILE_FORMAT = "assistant-conversation"
 FILE_VERSION = 1
@@ -189,7 +189,7 @@ class Conversation:
             "persona": self.persona.name if self.persona else None,
             "title": self.title,
             "created_at": self.created_at,
-            "messages": [{"role": m.role, "content": m.content, "cut": m.cut} for m in self.turns],
+            "messages": [_message_to_json(m) for m in self.turns],
         }
 
     def to_markdown(self) -> str:
@@ -198,7 +198,10 @@ class Conversation:
         if self.system:
             lines += ["**System**", "", self.system, ""]
         for message in self.turns:
-            lines += [f"**{message.role.capitalize()}**" + (" (cut)" if message.cut else ""), "", message.content, ""]
+            lines += [f"**{message.role.capitalize()}**" + (" (cut)" if message.cut else ""), ""]
+            lines += [message.content, ""] if message.content else []
+            lines += [f"Called `{call.name}({call.arguments})`" for call in message.tool_calls]
+            lines += [""] if message.tool_calls else []
         return "\n".join(lines)
 
     def summary(self, chars: int = 60) -> str:
@@ -249,14 +252,51 @@ class Conversation:
         return conversation
 
 
+def _message_to_json(message: Message) -> dict[str, Any]:
+    """One message as saved: OpenAI's fields (tool calls and the call a tool result answers included) and ``cut``."""
+    saved: dict[str, Any] = {"role": message.role, "content": message.content, "cut": message.cut}
+    if message.tool_calls:
+        saved["tool_calls"] = [{"id": call.id, "type": "function",
+                                "function": {"name": call.name, "arguments": call.arguments}}
+                               for call in message.tool_calls]  # fmt: skip
+    if message.tool_call_id is not None:
+        saved["tool_call_id"] = message.tool_call_id
+    return saved
+
+
 def _message_from_json(item: Any, where: str, index: int) -> Message:
+    calls = _tool_calls_from_json(item.get("tool_calls") if isinstance(item, dict) else None)
+    content = item.get("content") if isinstance(item, dict) else None
+    if content is None and calls:
+        content = ""
+    call_id = item.get("tool_call_id") if isinstance(item, dict) else None
     if (
         not isinstance(item, dict)
         or item.get("role") not in ROLES
-        or not isinstance(item.get("content"), str)
+        or not isinstance(content, str)
         or not isinstance(item.get("cut", False), bool)
+        or calls is None
+        or (item["role"] == "tool") != isinstance(call_id, str)
     ):
         raise ConversationError(
-            f"'{where}': message {index} must be {{'role': system|user|assistant, 'content': text}}, got {item!r:.80}"
+            f"'{where}': message {index} must be {{'role': system|user|assistant|tool, 'content': text}} (a tool "
+            f"message with its tool_call_id, tool_calls as OpenAI writes them), got {item!r:.80}"
         )
-    return Message(item["role"], item["content"], cut=item.get("cut", False))
+    return Message(item["role"], content, cut=item.get("cut", False), tool_calls=calls, tool_call_id=call_id)
+
+
+def _tool_calls_from_json(value: Any) -> tuple[ToolCall, ...] | None:
+    """Saved tool calls; None when they are malformed."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        return None
+    calls = []
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not all(
+            isinstance(v, str) for v in (call.get("id"), function.get("name"), function.get("arguments"))
+        ):
+            return None
+        calls.append(ToolCall(call["id"], function["name"], function["arguments"]))
+    return tuple(calls)

@@ -191,3 +191,21 @@ def test_window_of_a_very_long_conversation_needs_few_counts() -> None:
     one_exchange_more = [window[0], *conversation.turns[-(len(window) - 1) - 2 :]]
     assert count(window) <= target < count(one_exchange_more)
     assert window[0].role == "system" and window[1].role == "user" and window[-1].content == "last"
+
+
+def test_tool_turns_are_saved_and_read_back(tmp_path: Path) -> None:
+    """An assistant turn's tool calls and the tool results that answer them survive a save, as OpenAI writes them."""
+    from assistant.messages import ToolCall
+
+    conversation = Conversation("You help.")
+    call = ToolCall("call_abc", "get_weather", '{"city": "Paris"}')
+    conversation.turns = [Message("user", "Weather in Paris?"), Message("assistant", "", tool_calls=(call,)),
+                          Message("tool", '{"celsius": 18}', tool_call_id="call_abc"),
+                          Message("assistant", "18 °C in Paris.")]  # fmt: skip
+    saved = json.loads(conversation.save(tmp_path / "c.json").read_text())
+    assert saved["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert saved["messages"][2]["tool_call_id"] == "call_abc"
+    assert Conversation.load(tmp_path / "c.json").turns == conversation.turns
+    assert "Called `get_weather(" in conversation.to_markdown()
+    with pytest.raises(ConversationError, match="tool_call_id"):
+        Conversation.from_json({"messages": [{"role": "tool", "content": "18"}]})
