@@ -203,7 +203,8 @@ def test_tool_turns_are_saved_and_read_back(tmp_path: Path) -> None:
                           Message("tool", '{"celsius": 18}', tool_call_id="call_abc"),
                           Message("assistant", "18 °C in Paris.")]  # fmt: skip
     saved = json.loads(conversation.save(tmp_path / "c.json").read_text())
-    assert saved["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    function = saved["messages"][1]["tool_calls"][0]["function"]
+    assert function == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert saved["messages"][2]["tool_call_id"] == "call_abc"
     assert Conversation.load(tmp_path / "c.json").turns == conversation.turns
     assert "Called `get_weather(" in conversation.to_markdown()
