@@ -60,11 +60,11 @@ from assistant.io.rate_limit import RateLimits
 from assistant.io.shutdown import SHUTDOWN_MESSAGE, GracefulServer, Shutdown
 from assistant.io.uploads import (
     TranscriptionJobs,
+    answer,
     declared_seconds,
     read_upload,
     rendered,
     transcribe_upload,
-    until_disconnected,
 )
 from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ReplyStats, ToolCall, Transcript
@@ -295,32 +295,50 @@ class SpeechRequest:
     response_format: str
 
 
+SPEECH_FIELDS = ("input", "model", "voice", "instructions", "response_format", "speed", "stream_format")
+
+
 def speech_from_request(body: dict[str, Any], speech: Speech) -> SpeechRequest:
-    """OpenAI's speech request checked field by field before any work starts; ConfigError names the field."""
+    """OpenAI's speech request checked field by field before any work starts; InvalidRequestError names the field
+    (a field OpenAI does not define included)."""
+    for name in body:
+        if name not in SPEECH_FIELDS:
+            raise InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=name,
+                                      code="unknown_parameter")  # fmt: skip
     text = body.get("input")
     if not isinstance(text, str) or not text.strip():
-        raise ConfigError("input: give the text to speak as a non-empty string")
+        raise InvalidRequestError("input: give the text to speak as a non-empty string", param="input")
     if len(text) > MAX_SPEECH_CHARS:
-        raise ConfigError(f"input: {len(text)} characters is over the limit of {MAX_SPEECH_CHARS}; send less text")
+        raise InvalidRequestError(f"input: {len(text)} characters is over the limit of {MAX_SPEECH_CHARS}; send "
+                                  "less text", param="input")  # fmt: skip
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise ConfigError(f"model: expected a model name (it is not used: {speech.description} speaks), got {model!r}")
+        raise InvalidRequestError(f"model: expected a model name ({speech.description} speaks whichever is named), "
+                                  f"got {model!r}", param="model", code="invalid_type")  # fmt: skip
+    if body.get("instructions"):
+        raise InvalidRequestError("instructions: the speech engine here cannot be told how to speak; choose a voice "
+                                  "and speed instead", param="instructions", code="unsupported_parameter")  # fmt: skip
     voice = body.get("voice")
     if isinstance(voice, dict):  # OpenAI's custom voices are sent as {"id": ...}
         voice = voice.get("id")
     response_format = body.get("response_format") or "mp3"
     if response_format not in SPEECH_FORMATS:
-        raise ConfigError(f"response_format: {response_format!r} is not valid; choose one of {', '.join(FORMATS)}")
+        raise InvalidRequestError(f"response_format: {response_format!r} is not valid; choose one of "
+                                  f"{', '.join(FORMATS)}", param="response_format")  # fmt: skip
     stream_format = body.get("stream_format") or "audio"
     if stream_format != "audio":
-        raise ConfigError(f"stream_format: {stream_format!r} is not supported; use 'audio' (the whole file)")
+        raise InvalidRequestError(f"stream_format: {stream_format!r} is not supported; use 'audio' (the whole file)",
+                                  param="stream_format", code="unsupported_value")  # fmt: skip
     speed = body.get("speed")
-    return SpeechRequest(
-        text=text,
-        voice=None if voice is None else speech.check_voice(voice),
-        speed=None if speed is None else check_speed(speed),
-        response_format=response_format,
-    )
+    try:
+        voice = None if voice is None else speech.check_voice(voice)
+    except ConfigError as exc:
+        raise InvalidRequestError(exc.message, param="voice") from None
+    try:
+        speed = None if speed is None else check_speed(speed)
+    except ConfigError as exc:
+        raise InvalidRequestError(exc.message, param="speed") from None
+    return SpeechRequest(text=text, voice=voice, speed=speed, response_format=response_format)
 
 
 def create_app(services: Services) -> FastAPI:
@@ -381,22 +399,24 @@ def create_app(services: Services) -> FastAPI:
         ]}  # fmt: skip
 
     @app.post("/v1/audio/transcriptions")
-    async def transcriptions(request: Request) -> Any:
-        """OpenAI's transcription: the file is transcribed while the request waits (a client that leaves stops it)."""
-        async with read_upload(request, limit_bytes, config.server.max_upload_mb) as upload:
-            abandoned = threading.Event()  # set when the client goes away: the work stops before its next unit
-            result = await transcribe_upload(
-                services, request.state.client, upload, abandoned,
-                wait=lambda work: until_disconnected(request, work, abandoned),
-            )  # fmt: skip
-        return rendered(result.transcript, upload.response_format, upload.granularities,
-                        CueOptions.from_config(config.transcribe))  # fmt: skip
+    async def transcriptions(request: Request) -> Response:
+        """OpenAI's transcription, every form field honoured or refused by name (assistant/io/uploads.py): the file
+        is transcribed while the request waits (a client that leaves stops it), or streamed with stream=true."""
+        async with read_upload(request, limit_bytes, config.server.max_upload_mb, keep=True) as upload:
+            return await answer(services, request, upload, CueOptions.from_config(config.transcribe))
+
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request) -> Response:
+        """OpenAI's translation: the speech as English text (Whisper's translate task), on the same terms."""
+        async with read_upload(request, limit_bytes, config.server.max_upload_mb, keep=True,
+                               kind="translation") as upload:  # fmt: skip
+            return await answer(services, request, upload, CueOptions.from_config(config.transcribe))
 
     @app.post("/v1/transcription_jobs")
     async def start_job(request: Request) -> JSONResponse:
         """This server's addition: the same form as /v1/audio/transcriptions, transcribed in the background; the
         job says how far it is and keeps its result in every format for a while (the page's file queue)."""
-        async with read_upload(request, limit_bytes, config.server.max_upload_mb, keep=True) as upload:
+        async with read_upload(request, limit_bytes, config.server.max_upload_mb, keep=True, kind="job") as upload:
             services.transcription.check_language(upload.language)  # refused now, as the synchronous route does
             declared: float | None = None  # unknown: an unreadable file, whose job fails saying why
             with contextlib.suppress(AudioDecodeError):

@@ -49,7 +49,9 @@ class EspeakSynthesizer:
             ) from None
         message = result.stderr.decode("utf-8", "replace").strip()
         if result.returncode != 0 and "voice does not exist" in message:
-            raise ConfigError(f"voice: espeak-ng has no voice {self.voice!r}; 'espeak-ng --voices' lists them")
+            raise ConfigError(
+                f"voice: espeak-ng has no voice {self.voice!r}; 'espeak-ng --voices' lists them", param="voice"
+            )
         if result.returncode != 0 or not result.stdout:
             raise OutputError(f"espeak-ng failed (exit code {result.returncode}): {message[-300:] or 'no output'}")
         samples, rate = soundfile.read(io.BytesIO(result.stdout), dtype="float32", always_2d=True)
