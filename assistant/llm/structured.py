@@ -147,7 +147,7 @@ class HermesParser:
             if self._inside:
                 yield self._call_or_text(before, closed=True)
             elif before.strip():
-                yield before
+                yield before.rstrip()
             self._inside = not self._inside
         if not self._inside:  # hold what may begin a tag, and trailing blanks (dropped if a call follows)
             keep = _partial_tag_length(self._held, CALL_START)
