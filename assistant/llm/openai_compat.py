@@ -16,7 +16,8 @@ from typing import Any
 from assistant.config import LlmConfig, SamplingConfig
 from assistant.errors import AssistantError, ConfigError, LlmError, PromptTooLongError
 from assistant.llm.base import Reply
-from assistant.messages import Message, ReplyStats
+from assistant.llm.structured import JsonOutput, new_call_id
+from assistant.messages import Message, ReplyStats, ToolCall, ToolUse
 from assistant.remote import connect
 
 _CHARS_PER_TOKEN = 4  # rough size of a token of non-CJK text, for the context estimate (the API has no tokenizer)
@@ -50,8 +51,12 @@ class OpenAIChatModel:
         *,
         continue_last: bool = False,
         cancel: threading.Event | None = None,
+        output: JsonOutput | None = None,
+        tool_use: ToolUse | None = None,
     ) -> Reply:
-        return Reply(lambda reply: self._deltas(reply, list(messages), params, continue_last, cancel))
+        request = self._request(list(messages), params, continue_last) | _tool_fields(tool_use)
+        request |= _output_fields(output)
+        return Reply(lambda reply: self._deltas(reply, request, cancel))
 
     def _request(self, messages: list[Message], params: SamplingConfig, continue_last: bool) -> dict[str, Any]:
         extra: dict[str, Any] = {"top_k": params.top_k, "repetition_penalty": params.repetition_penalty}
@@ -61,7 +66,7 @@ class OpenAIChatModel:
             extra |= {"continue_final_message": True, "add_generation_prompt": False}
         request: dict[str, Any] = {
             "model": self._config.model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "messages": [_as_openai(m) for m in messages],
             "stream": True,
             "stream_options": {"include_usage": True},
             "temperature": params.temperature,
@@ -76,18 +81,14 @@ class OpenAIChatModel:
         return request
 
     def _deltas(
-        self,
-        reply: Reply,
-        messages: list[Message],
-        params: SamplingConfig,
-        continue_last: bool,
-        cancel: threading.Event | None,
-    ) -> Iterator[str]:
+        self, reply: Reply, request: dict[str, Any], cancel: threading.Event | None
+    ) -> Iterator[str | ToolCall]:
         started = time.perf_counter()
         first_s, chunks, finish, usage = 0.0, 0, "cancelled", None
         response = None
+        calls: dict[int, dict[str, str]] = {}  # tool calls as their fragments arrive, by index
         try:
-            response = self._client.chat.completions.create(**self._request(messages, params, continue_last))
+            response = self._client.chat.completions.create(**request)
             for chunk in response:
                 usage = chunk.usage or usage
                 if not chunk.choices:
@@ -97,11 +98,19 @@ class OpenAIChatModel:
                     first_s = first_s or time.perf_counter() - started
                     chunks += 1
                     yield text
+                for fragment in choice.delta.tool_calls or ():
+                    first_s = first_s or time.perf_counter() - started
+                    _gather(calls, fragment)
                 if choice.finish_reason:
-                    finish = "length" if choice.finish_reason == "length" else "stop"
+                    finish = choice.finish_reason if choice.finish_reason in ("length", "tool_calls") else "stop"
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
+            for index in sorted(calls):
+                call = calls[index]
+                yield ToolCall(call["id"] or new_call_id(), call["name"], call["arguments"])
+            if calls and finish != "cancelled":
+                finish = "tool_calls"
         except self._openai.APIConnectionError as exc:
             raise LlmError(f"cannot reach the server at {self._base_url} ({exc}); is it running?") from None
         except self._openai.APIError as exc:  # a refusal, before the stream (a status) or inside it (an event)
@@ -133,6 +142,50 @@ class OpenAIChatModel:
         if status in (400, 413, 422) or code in ("template", "config", "invalid_request_error"):
             return ConfigError(message)
         return LlmError(message)
+
+
+def _as_openai(message: Message) -> dict[str, Any]:
+    """A message as OpenAI's API takes it (tool calls with their JSON arguments as text, a tool result's call id)."""
+    sent: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        sent["content"] = message.content or None
+        sent["tool_calls"] = [{"id": call.id, "type": "function",
+                               "function": {"name": call.name, "arguments": call.arguments}}
+                              for call in message.tool_calls]  # fmt: skip
+    if message.tool_call_id is not None:
+        sent["tool_call_id"] = message.tool_call_id
+    return sent
+
+
+def _output_fields(output: JsonOutput | None) -> dict[str, Any]:
+    """``response_format`` for the server, which constrains its own decoding (vLLM, llama.cpp server and another
+    ``assistant serve`` all do): ``json_object`` for any object, ``json_schema`` with OpenAI's name and strict."""
+    if output is None:
+        return {}
+    if output.schema is None:
+        return {"response_format": {"type": "json_object"}}
+    schema = {"name": output.name, "schema": output.schema, "strict": output.strict}
+    return {"response_format": {"type": "json_schema", "json_schema": schema}}
+
+
+def _tool_fields(tool_use: ToolUse | None) -> dict[str, Any]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` for the server, which parses its model's calls."""
+    if tool_use is None or not tool_use.tools:
+        return {}
+    choice: Any = tool_use.choice
+    if choice not in ("auto", "required", "none"):
+        choice = {"type": "function", "function": {"name": choice}}
+    return {"tools": [tool.to_openai() for tool in tool_use.tools], "tool_choice": choice,
+            "parallel_tool_calls": tool_use.parallel}  # fmt: skip
+
+
+def _gather(calls: dict[int, dict[str, str]], fragment: Any) -> None:
+    """Add one streamed tool-call fragment (OpenAI sends id and name first, then the arguments in pieces)."""
+    call = calls.setdefault(fragment.index, {"id": "", "name": "", "arguments": ""})
+    call["id"] = fragment.id or call["id"]
+    if fragment.function is not None:
+        call["name"] += fragment.function.name or ""
+        call["arguments"] += fragment.function.arguments or ""
 
 
 def _server_message(exc: Any) -> str:
