@@ -149,3 +149,22 @@ def test_what_a_request_asks_for_is_read() -> None:
     output = read(response_format={"type": "json_schema", "json_schema": {"name": "A", "schema": schema,
                                                                           "strict": True}}).output  # fmt: skip
     assert output is not None and output.schema == schema and output.strict
+
+
+def test_saved_tool_turns_are_conversation_items_the_sdk_reads() -> None:
+    """A conversation's tool calls and results come out of /v1/conversations/{id}/items as OpenAI's function_call
+    and function_call_output items, which the official SDK's own type parses."""
+    from openai.types.conversations import ConversationItemList
+
+    from assistant.conversation import Conversation
+    from assistant.io.conversations import items
+
+    conversation = Conversation(None)
+    conversation.turns = [Message("user", "Weather?"),
+                          Message("assistant", "", tool_calls=(ToolCall("call_1", "get_weather", '{"city":"Oslo"}'),)),
+                          Message("tool", "3 C", tool_call_id="call_1"), Message("assistant", "3 °C.")]  # fmt: skip
+    page = ConversationItemList.model_validate(items("c0ffee00", conversation, order="asc"))
+    assert [item.type for item in page.data] == ["message", "function_call", "function_call_output", "message"]
+    call, output = page.data[1], page.data[2]
+    assert (call.call_id, call.name, call.arguments) == ("call_1", "get_weather", '{"city":"Oslo"}')
+    assert (output.call_id, output.output) == ("call_1", "3 C")

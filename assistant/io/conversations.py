@@ -16,6 +16,7 @@ from typing import Any
 
 from assistant.conversation import Conversation
 from assistant.errors import AssistantError, ConfigError, ConversationError, NotFoundError
+from assistant.messages import Message
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a file name under server.conversation_dir, nothing more
 MAX_TITLE_CHARS = 200
@@ -88,6 +89,37 @@ def describe(conversation_id: str, conversation: Conversation, updated_at: float
     }  # fmt: skip
 
 
+def _message_items(suffix: str, message: Message) -> list[dict[str, Any]]:
+    """One message as OpenAI's items: a ``message``; an assistant turn's calls as ``function_call`` items and a tool
+    result as a ``function_call_output``, as the Conversations API shows them."""
+    if message.role == "tool":
+        return [{"type": "function_call_output", "id": f"fco_{suffix}", "call_id": message.tool_call_id,
+                 "output": message.content, "status": "completed"}]  # fmt: skip
+    found = []
+    if message.content or not message.tool_calls:
+        found.append(
+            {
+                "type": "message",
+                "id": f"msg_{suffix}",
+                "role": message.role,
+                "status": "incomplete" if message.cut else "completed",
+                "content": [_text_part(message)],
+            }
+        )
+    found += [{"type": "function_call", "id": f"fc_{suffix}_{number}", "call_id": call.id, "name": call.name,
+               "arguments": call.arguments, "status": "completed"}
+              for number, call in enumerate(message.tool_calls)]  # fmt: skip
+    return found
+
+
+def _text_part(message: Message) -> dict[str, Any]:
+    """The message's text as OpenAI's content part: ``input_text`` for what people and instructions said,
+    ``output_text`` (with its ``annotations``, none here) for the model's."""
+    if message.role == "assistant":
+        return {"type": "output_text", "text": message.content, "annotations": []}
+    return {"type": "input_text", "text": message.content}
+
+
 def items(conversation_id: str, conversation: Conversation, *, order: str = "desc", limit: int = 20,
           after: str | None = None) -> dict[str, Any]:  # fmt: skip
     """The messages as OpenAI's conversation items (a cut reply is ``incomplete``), paged as OpenAI pages them:
@@ -96,12 +128,8 @@ def items(conversation_id: str, conversation: Conversation, *, order: str = "des
         raise ConfigError(f"order {order!r}: choose asc or desc")
     if not 1 <= limit <= 100:
         raise ConfigError(f"limit {limit}: give 1 to 100")
-    every = [
-        {"type": "message", "id": f"msg_{conversation_id[:8]}_{index}", "role": message.role,
-         "status": "incomplete" if message.cut else "completed",
-         "content": [{"type": "input_text" if message.role == "user" else "output_text", "text": message.content}]}
-        for index, message in enumerate(conversation.turns)
-    ]  # fmt: skip
+    every = [item for index, message in enumerate(conversation.turns)
+             for item in _message_items(f"{conversation_id[:8]}_{index}", message)]  # fmt: skip
     if order == "desc":
         every.reverse()
     if after is not None:
