@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -61,17 +61,41 @@ class Word:
 @dataclass(frozen=True)
 class Segment:
     """A stretch of recognised speech; times in seconds from the start of the source. ``words`` is empty unless word
-    timestamps were asked for; ``language`` is the language this segment was recognised in (None: not known)."""
+    timestamps were asked for; ``language`` is the language this segment was recognised in (None: not known).
+
+    The rest is how the recogniser decoded it, the fields of openai/whisper's and OpenAI's ``verbose_json``
+    segments, which clients use to drop hallucinations (a high ``no_speech_prob`` with a low ``avg_logprob``; a
+    ``compression_ratio`` over 2.4): ``seek``, the start of the decoded 30 s window in 10 ms mel frames from the
+    start of the source; ``tokens``, the segment's token ids (timestamp tokens included, as Whisper gives them);
+    ``temperature``, the fallback temperature whose decode was kept; ``avg_logprob``, ``compression_ratio`` (zlib,
+    of the decode's text) and ``no_speech_prob``, of the whole window's decode, so every segment of one decode
+    carries the same values, as in openai/whisper. None: the recogniser did not give it (never a made-up value)."""
 
     start_s: float
     end_s: float
     text: str
     words: tuple[Word, ...] = ()
     language: str | None = None
+    seek: int | None = None  # mel frames (FRAMES_PER_S a second)
+    tokens: tuple[int, ...] | None = None
+    temperature: float | None = None
+    avg_logprob: float | None = None
+    compression_ratio: float | None = None
+    no_speech_prob: float | None = None
 
     def shifted(self, offset_s: float) -> Segment:
+        """The same segment ``offset_s`` seconds later on the source's timeline (its words and ``seek`` too)."""
         words = tuple(Word(w.word, w.start_s + offset_s, w.end_s + offset_s, w.probability) for w in self.words)
-        return Segment(self.start_s + offset_s, self.end_s + offset_s, self.text, words, self.language)
+        return replace(self, start_s=self.start_s + offset_s, end_s=self.end_s + offset_s, words=words,
+                       seek=shifted_seek(self.seek, offset_s))  # fmt: skip
+
+
+FRAMES_PER_S = 100  # Whisper's mel frames (10 ms hops): the unit of a segment's ``seek``
+
+
+def shifted_seek(seek: int | None, offset_s: float) -> int | None:
+    """A ``seek`` moved ``offset_s`` seconds along the timeline (None stays None)."""
+    return None if seek is None else seek + round(offset_s * FRAMES_PER_S)
 
 
 @dataclass(frozen=True)

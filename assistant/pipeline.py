@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from assistant import registry
 from assistant.asr.base import Transcriber, VoiceActivityDetector, language_error
 from assistant.asr.language import LanguageGuess, settle_languages
+from assistant.asr.quality import temperature_ladder
 from assistant.asr.text import apply_zh_script
 from assistant.audio import blocks_at_quiet_points, group_spans
 from assistant.audio.decode import AudioInfo, AudioSource, choose_source, probe, stream_audio
 from assistant.audio.level import FRAME_S, frame_levels, normalize
-from assistant.config import AsrConfig, Config, TranscribeConfig, VadConfig
+from assistant.config import AsrConfig, Config, Task, TranscribeConfig, VadConfig
 from assistant.errors import ConfigError, LimitError
-from assistant.messages import Audio, Segment, Timings, Transcript, Word
+from assistant.messages import Audio, Segment, Timings, Transcript, Word, shifted_seek
 
 DECODE_PIECE_S = 30.0  # seconds read from ffmpeg at a time
 SPEECH_LEVEL_DBFS = -45.0  # without a VAD, frames above this level count as speech when choosing a track
@@ -44,6 +45,8 @@ class _FileJob:
     clock: _StageClock
     on_progress: Callable[[float], None] | None
     run_model: RunModel
+    task: Task = "transcribe"
+    decoding: dict[str, Any] = field(default_factory=dict)  # one request's prompt and temperatures, when given
     spoken: SpokenLanguages = field(default_factory=lambda: SpokenLanguages())
 
 
@@ -120,7 +123,7 @@ class TranscriptionPipeline:
         model does not know it."""
         language = normalize_language(language) or self._language
         if language and not self.transcriber.supports_language(language):
-            raise ConfigError(f"language: {language_error(language, self._asr.model)}")
+            raise ConfigError(f"language: {language_error(language, self._asr.model)}", param="language")
         return language
 
     def transcribe_file(
@@ -132,13 +135,21 @@ class TranscriptionPipeline:
         word_timestamps: bool = False,
         limit: AudioLimit | None = None,
         run_model: RunModel | None = None,
+        task: Task | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
+        on_segments: Callable[[Sequence[Segment]], None] | None = None,
     ) -> FileResult:
         """Transcribe one file; ``on_progress`` gets the seconds of audio done so far; ``language`` overrides the
         configured one for this file; ``word_timestamps`` asks for words even when ``asr.word_timestamps`` is off;
         ``limit`` refuses a file holding more audio (LimitError): from its declared duration before any work, and
         while decoding for files that declare none or lie about it. ``run_model(call)`` runs each recogniser call
         (one batch of windows) and returns its result: the server passes its model worker's bulk queue, so that
-        interactive requests go between the units of a long file; by default the calls run here."""
+        interactive requests go between the units of a long file; by default the calls run here.
+
+        One request's choices over the configuration (the HTTP API's fields): ``task`` (``asr.task``), ``prompt``
+        (``asr.initial_prompt``) and ``temperature``, where the fallback ladder starts (``temperature_ladder``).
+        ``on_segments`` gets each block's final segments as soon as the block is done (a streamed answer)."""
         started = time.perf_counter()
         info = probe(path)
         if limit is not None:
@@ -148,21 +159,27 @@ class TranscriptionPipeline:
         )
         clock = _StageClock()
         language = self.check_language(language)
+        decoding: dict[str, Any] = {} if prompt is None else {"prompt": prompt}
+        if temperature is not None:
+            decoding["temperatures"] = temperature_ladder(temperature, self._asr.temperatures)
         job = _FileJob(language, word_timestamps or self._asr.word_timestamps, clock, on_progress,
-                       run_model or _run_here)  # fmt: skip
+                       run_model or _run_here, task or self._asr.task, decoding)  # fmt: skip
         segments: list[Segment] = []
         pieces = clock.timed_iter("decode", stream_audio(path, source=source, piece_s=DECODE_PIECE_S))
         if limit is not None:
             pieces = limit.enforced(pieces)
         for block in blocks_at_quiet_points(pieces, self._transcribe.block_s):
-            segments += self._transcribe_block(block, job)
+            found = self._transcribe_block(block, job)
+            if job.task == "transcribe":  # per block, so that what on_segments gets is final
+                found = list(apply_zh_script(Transcript("", language, tuple(found)), self._asr.zh_script).segments)
+            segments += found
+            if on_segments:
+                on_segments(found)
             if on_progress:
                 on_progress(block.end_s)
         audio_s = clock.decoded_s
         main_language = language or job.spoken.main
         transcript = Transcript(" ".join(s.text for s in segments).strip(), main_language, tuple(segments), audio_s)
-        if self._asr.task == "transcribe":
-            transcript = apply_zh_script(transcript, self._asr.zh_script)
         timings = Timings(
             decode_s=clock.seconds["decode"],
             vad_s=clock.seconds["vad"],
@@ -196,7 +213,7 @@ class TranscriptionPipeline:
         with job.clock.stage("asr"):
             return job.run_model(
                 lambda: self.transcriber.transcribe_many(
-                    windows, language=language, task=self._asr.task, word_timestamps=words
+                    windows, language=language, task=job.task, word_timestamps=words, **job.decoding
                 )
             )
 
@@ -282,7 +299,8 @@ def normalize_language(language: str | None) -> str | None:
 def _place(segments: Sequence[Segment], window: Audio, lead_s: float = 0.0) -> Iterator[Segment]:
     """Segments (and their words) relative to ``window`` moved onto the source's time line, clipped to the window;
     none starts in the window's first ``lead_s`` seconds (the VAD's padding before the speech it heard: Whisper
-    often puts its first timestamp at 0.00 there)."""
+    often puts its first timestamp at 0.00 there). ``seek`` moves with the window (it is where the decoded window
+    starts on the source); the decoding values stay the recogniser's."""
 
     def clip(seconds: float, low: float) -> float:
         return round(min(max(seconds + window.start_s, low), window.end_s), 3)
@@ -295,16 +313,17 @@ def _place(segments: Sequence[Segment], window: Audio, lead_s: float = 0.0) -> I
         for word in segment.words:
             word_start = clip(word.start_s, start)
             words.append(Word(word.word, word_start, clip(word.end_s, word_start), word.probability))
-        yield Segment(start, clip(segment.end_s, start), segment.text, tuple(words), segment.language)
+        yield replace(segment, start_s=start, end_s=clip(segment.end_s, start), words=tuple(words),
+                      seek=shifted_seek(segment.seek, window.start_s))  # fmt: skip
 
 
 def _fit_to_words(segment: Segment) -> Segment:
     """The segment from its first word's start to its last word's end, without its words (they were asked for
-    only to place it)."""
+    only to place it); its text and decoding values are unchanged."""
     if not segment.words:
         return segment
     start, end = segment.words[0].start_s, segment.words[-1].end_s
-    return Segment(max(segment.start_s, start), max(min(segment.end_s, end), start), segment.text, (), segment.language)
+    return replace(segment, start_s=max(segment.start_s, start), end_s=max(min(segment.end_s, end), start), words=())
 
 
 def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

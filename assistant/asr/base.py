@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol, runtime_checkable
 
-from assistant.config import Task
+from assistant.config import AsrConfig, Task
 from assistant.messages import Audio, Span, Transcript
 
 
@@ -32,10 +33,13 @@ class Transcriber(Protocol):
         task: Task = "transcribe",
         timestamps: bool = True,
         word_timestamps: bool = False,
+        prompt: str | None = None,
+        temperatures: tuple[float, ...] | None = None,
     ) -> list[Transcript]:
         """One transcript per window, in order. ``language=None``: each window detects its own language (the
         transcript's ``language`` and ``language_probability`` say what was found). ``word_timestamps``: segments
-        carry ``words``."""
+        carry ``words``. ``prompt`` and ``temperatures``: one request's own initial prompt and fallback ladder
+        (OpenAI's ``prompt`` and ``temperature``); None keeps ``asr.initial_prompt`` / ``asr.temperatures``."""
         ...
 
 
@@ -45,6 +49,15 @@ class PartialTranscriber(Protocol):
     partials): cheaper than ``transcribe_many``, never used for a final transcript."""
 
     def transcribe_partial(self, audio: Audio, *, language: str | None) -> Transcript: ...
+
+
+def for_request(config: AsrConfig, prompt: str | None, temperatures: tuple[float, ...] | None) -> AsrConfig:
+    """The backend's configuration with one request's prompt and temperature ladder over it: one value that the
+    backend's decoding steps all read, instead of two more arguments each."""
+    if prompt is None and temperatures is None:
+        return config
+    return replace(config, initial_prompt=config.initial_prompt if prompt is None else prompt,
+                   temperatures=config.temperatures if temperatures is None else temperatures)  # fmt: skip
 
 
 def language_error(language: str, model: str) -> str:

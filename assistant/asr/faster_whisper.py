@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from assistant.asr.base import language_error
+from assistant.asr.base import for_request, language_error
+from assistant.asr.quality import Verdict, compression_ratio, verdict
 from assistant.config import AsrConfig, Task
 from assistant.errors import AsrError, ConfigError, ModelLoadError
 from assistant.messages import Audio, Segment, Transcript, Word
@@ -28,6 +29,7 @@ MIN_REST_S = 0.5  # a window's undecoded rest shorter than this is not decoded a
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 PARTIAL_MIN_TOKENS, PARTIAL_TOKENS_PER_S, PARTIAL_MAX_TOKENS = 16, 8, 448  # decode length: speech is ~3 tokens/s
+BEST_OF = 5  # samples drawn per window at a temperature above 0 (faster-whisper's and openai/whisper's best_of)
 
 
 class FasterWhisperTranscriber:
@@ -83,28 +85,34 @@ class FasterWhisperTranscriber:
         task: Task = "transcribe",
         timestamps: bool = True,
         word_timestamps: bool = False,
+        prompt: str | None = None,
+        temperatures: tuple[float, ...] | None = None,
     ) -> list[Transcript]:
         """Windows of at most 30 s are decoded together in one batch (see ``_batched``); longer ones, and windows whose
         batched result fails Whisper's quality checks, go through faster-whisper's sequential decoding with its
-        temperature fallback. With ``language=None`` each window detects its own language."""
+        temperature fallback. With ``language=None`` each window detects its own language. Segments carry the
+        decode's own ``seek``, ``tokens``, ``temperature``, ``avg_logprob``, ``compression_ratio`` and
+        ``no_speech_prob`` (faster-whisper's, or, from a batch, the values of CTranslate2's result that was kept)."""
         if language and not self.supports_language(language):
             raise AsrError(language_error(language, self._config.model))
+        config = for_request(self._config, prompt, temperatures)
         results: list[Transcript | None] = [None] * len(audios)
         short = [i for i, audio in enumerate(audios) if audio.duration_s <= WINDOW_S]
         for first in range(0, len(short), self.batch_size):
             indexes = short[first : first + self.batch_size]
             batch = [audios[i] for i in indexes]
-            for index, transcript in zip(indexes, self._batched(batch, language, task, timestamps, word_timestamps),
-                                         strict=True):  # fmt: skip
+            batched = self._batched(batch, language, task, timestamps, word_timestamps, config)
+            for index, transcript in zip(indexes, batched, strict=True):
                 results[index] = transcript
         for index, result in enumerate(results):
             if result is None:
-                results[index] = self._transcribe(audios[index], language, task, timestamps, word_timestamps)
+                results[index] = self._transcribe(audios[index], language, task, timestamps, word_timestamps, config)
         return [result for result in results if result is not None]
 
     def _batched(
-        self, audios: Sequence[Audio], language: str | None, task: Task, timestamps: bool, words: bool
-    ) -> list[Transcript]:
+        self, audios: Sequence[Audio], language: str | None, task: Task, timestamps: bool, words: bool,
+        config: AsrConfig,
+    ) -> list[Transcript]:  # fmt: skip
         """One encoder pass for the whole batch, the language of each window read from that same pass (no second
         encode, unlike ``WhisperModel.transcribe``), one batched greedy/beam decode per language. This is
         faster-whisper's ``BatchedInferencePipeline`` idea; unlike it, a window that fails the compression-ratio or
@@ -121,18 +129,18 @@ class FasterWhisperTranscriber:
         results: list[Transcript] = [Transcript("", None)] * len(audios)
         for code, indexes in groups.items():
             group_encoded = encoded if len(groups) == 1 else model.encode(features[indexes])
-            decoded = self._decode(group_encoded, [audios[i] for i in indexes], code, task, timestamps, words)
+            decoded = self._decode(group_encoded, [audios[i] for i in indexes], code, task, timestamps, words, config)
             rests: dict[int, float] = {}
             for index, outcome in zip(indexes, decoded, strict=True):
                 if outcome is None:  # failed the quality checks: sequential decoding with fallback
-                    transcript = self._transcribe(audios[index], code, task, timestamps, words)
+                    transcript = self._transcribe(audios[index], code, task, timestamps, words, config)
                 else:
                     transcript, rest = outcome
                     if rest is not None:
                         rests[index] = rest
                 probability = guesses[index][1] if language is None else None
                 results[index] = replace(transcript, language=code, language_probability=probability)
-            for index, transcript in self._rests(audios, rests, code, task, timestamps, words).items():
+            for index, transcript in self._rests(audios, rests, code, task, timestamps, words, config).items():
                 results[index] = _joined(results[index], transcript, rests[index])
         return results
 
@@ -144,6 +152,7 @@ class FasterWhisperTranscriber:
         task: Task,
         timestamps: bool,
         words: bool,
+        config: AsrConfig,
     ) -> dict[int, Transcript]:
         """Decode what one pass left: Whisper ended a window's decode early (its last timestamp short of the end),
         where sequential Whisper would seek to that timestamp and go on."""
@@ -152,7 +161,8 @@ class FasterWhisperTranscriber:
         indexes = list(rests)
         cut = [Audio(audios[i].samples[int(rests[i] * audios[i].sample_rate) :], audios[i].sample_rate)
                for i in indexes]  # fmt: skip
-        again = self.transcribe_many(cut, language=language, task=task, timestamps=timestamps, word_timestamps=words)
+        again = self.transcribe_many(cut, language=language, task=task, timestamps=timestamps, word_timestamps=words,
+                                     prompt=config.initial_prompt, temperatures=config.temperatures)  # fmt: skip
         return dict(zip(indexes, again, strict=True))
 
     def _languages(self, encoded: object, count: int, language: str | None) -> list[tuple[str, float]]:
@@ -163,44 +173,49 @@ class FasterWhisperTranscriber:
         return [(ranked[0][0][2:-2], float(ranked[0][1])) for ranked in self._model.model.detect_language(encoded)]
 
     def _decode(
-        self, encoded: object, audios: Sequence[Audio], language: str, task: Task, timestamps: bool, words: bool
-    ) -> list[tuple[Transcript, float | None] | None]:
-        """Decode a batch in one language: each window's transcript, and where its undecoded rest starts (seconds;
-        None when the whole window was decoded); None for a window whose result needs the temperature fallback."""
+        self, encoded: object, audios: Sequence[Audio], language: str, task: Task, timestamps: bool, words: bool,
+        config: AsrConfig,
+    ) -> list[tuple[Transcript, float | None] | None]:  # fmt: skip
+        """Decode a batch in one language at the ladder's first temperature: each window's transcript, and where its
+        undecoded rest starts (seconds; None when the whole window was decoded); None for a window whose result
+        needs the temperature fallback."""
         from faster_whisper.tokenizer import Tokenizer
-        from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
+        from faster_whisper.transcribe import get_suppressed_tokens
 
-        model, config = self._model, self._config
+        model = self._model
         tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task=task, language=language)
         previous = tokenizer.encode(" " + config.initial_prompt.strip()) if config.initial_prompt else []
         prompt = model.get_prompt(tokenizer, previous, without_timestamps=not timestamps)
+        temperature = config.temperatures[0]
         results = model.model.generate(
-            encoded, [list(prompt) for _ in audios], beam_size=config.beam_size, max_length=model.max_length,
-            suppress_blank=True, suppress_tokens=get_suppressed_tokens(tokenizer, [-1]), return_scores=True,
-            return_no_speech_prob=True, sampling_temperature=config.temperatures[0] or 1.0,
+            encoded, [list(prompt) for _ in audios], max_length=model.max_length, suppress_blank=True,
+            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]), return_scores=True, return_no_speech_prob=True,
+            **_sampling(temperature, config.beam_size),
         )  # fmt: skip
         pieces: list[list[dict[str, Any]]] = []
-        verdicts: list[str] = []
+        decodes: list[_Decode] = []
         rests: list[float | None] = []
         for audio, result in zip(audios, results, strict=True):
             tokens = result.sequences_ids[0]
             text = tokenizer.decode([t for t in tokens if t < tokenizer.eot])
-            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-            verdicts.append(_verdict(config, get_compression_ratio(text), avg_logprob, result.no_speech_prob))
+            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)  # faster-whisper's, length_penalty 1
+            decodes.append(_Decode(temperature, avg_logprob, compression_ratio(text), result.no_speech_prob))
+            ok = decodes[-1].verdict(config) == "ok"
             frames = min(FULL_WINDOW_FRAMES, int(np.ceil(audio.duration_s)) * model.frames_per_second)
             split, seek, _single = model._split_segments_by_timestamps(
                 tokenizer=tokenizer, tokens=tokens, time_offset=0.0, segment_size=frames,
                 segment_duration=audio.duration_s, seek=0,
             )  # fmt: skip
-            pieces.append(split if verdicts[-1] == "ok" else [])
+            pieces.append(split if ok else [])
             seek_s = seek / model.frames_per_second
-            rests.append(seek_s if verdicts[-1] == "ok" and 0 < seek_s < audio.duration_s - MIN_REST_S else None)
+            rests.append(seek_s if ok and 0 < seek_s < audio.duration_s - MIN_REST_S else None)
         if words:
             self._align(pieces, tokenizer, encoded, audios)
         return [
-            None if verdict == "fallback" else (_transcript(tokenizer, split, audio, language), rest)
-            for audio, split, verdict, rest in zip(audios, pieces, verdicts, rests, strict=True)
-        ]
+            None if decode.verdict(config) == "fallback" else (_transcript(tokenizer, split, audio, language, decode),
+                                                                 rest)
+            for audio, split, decode, rest in zip(audios, pieces, decodes, rests, strict=True)
+        ]  # fmt: skip
 
     def _align(self, pieces: list[list[dict[str, Any]]], tokenizer: Any, encoded: object,
                audios: Sequence[Audio]) -> None:  # fmt: skip
@@ -236,9 +251,8 @@ class FasterWhisperTranscriber:
         return Transcript(text, language, (), audio.duration_s)
 
     def _transcribe(
-        self, audio: Audio, language: str | None, task: Task, timestamps: bool, words: bool = False
+        self, audio: Audio, language: str | None, task: Task, timestamps: bool, words: bool, config: AsrConfig
     ) -> Transcript:
-        config = self._config
         segments, info = self._model.transcribe(
             audio.samples,
             language=language,
@@ -254,28 +268,42 @@ class FasterWhisperTranscriber:
             word_timestamps=words,
             vad_filter=False,  # the pipeline's own VAD stage has already cut the audio
         )
-        found = tuple(
-            Segment(s.start, s.end, s.text.strip(), _words(s.words or ()), info.language)
-            for s in segments
-            if s.text.strip()
-        )
+        found = tuple(_segment(s, info.language) for s in segments if s.text.strip())
         probability = info.language_probability if language is None else None
         return Transcript(" ".join(s.text for s in found), info.language, found, audio.duration_s, probability)
 
 
-def _verdict(config: AsrConfig, compression_ratio: float, avg_logprob: float, no_speech_prob: float) -> str:
-    """openai/whisper's checks on one decode: "silence" (no speech: the text is dropped), "fallback" (too repetitive
-    or too unlikely: decode again at higher temperatures) or "ok"."""
-    unlikely = config.logprob_threshold is not None and avg_logprob < config.logprob_threshold
-    if config.no_speech_threshold is not None and no_speech_prob > config.no_speech_threshold and unlikely:
-        return "silence"
-    repetitive = (
-        config.compression_ratio_threshold is not None and compression_ratio > config.compression_ratio_threshold
-    )
-    return "fallback" if (repetitive or unlikely) and len(config.temperatures) > 1 else "ok"
+@dataclass(frozen=True)
+class _Decode:
+    """What one batched decode of a window gave, besides its tokens: its segments carry these values."""
+
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+    def verdict(self, config: AsrConfig) -> Verdict:
+        return verdict(config, self.compression_ratio, self.avg_logprob, self.no_speech_prob)
 
 
-def _transcript(tokenizer: Any, pieces: Sequence[dict[str, Any]], audio: Audio, language: str) -> Transcript:
+def _sampling(temperature: float, beam_size: int) -> dict[str, Any]:
+    """CTranslate2's options for one temperature, as faster-whisper's ``generate_with_fallback`` sets them: beam
+    search (or greedy) at 0, else sampling from the whole distribution, the best of ``BEST_OF`` samples."""
+    if temperature > 0:
+        return {"beam_size": 1, "num_hypotheses": BEST_OF, "sampling_topk": 0, "sampling_temperature": temperature}
+    return {"beam_size": beam_size}
+
+
+def _segment(segment: Any, language: str) -> Segment:
+    """A faster-whisper segment (sequential decoding) as ours, with its own decoding values."""
+    return Segment(segment.start, segment.end, segment.text.strip(), _words(segment.words or ()), language,
+                   seek=segment.seek, tokens=tuple(segment.tokens), temperature=segment.temperature,
+                   avg_logprob=segment.avg_logprob, compression_ratio=segment.compression_ratio,
+                   no_speech_prob=segment.no_speech_prob)  # fmt: skip
+
+
+def _transcript(tokenizer: Any, pieces: Sequence[dict[str, Any]], audio: Audio, language: str,
+                decode: _Decode) -> Transcript:  # fmt: skip
     found = []
     for piece in pieces:
         text = tokenizer.decode([t for t in piece["tokens"] if t < tokenizer.eot]).strip()
@@ -284,7 +312,11 @@ def _transcript(tokenizer: Any, pieces: Sequence[dict[str, Any]], audio: Audio, 
                 Word(w["word"], float(w["start"]), float(w["end"]), float(w["probability"]))
                 for w in piece.get("words", ())
             )
-            found.append(Segment(float(piece["start"]), float(piece["end"]), text, words, language))
+            found.append(Segment(float(piece["start"]), float(piece["end"]), text, words, language,
+                                 seek=int(piece["seek"]), tokens=tuple(int(t) for t in piece["tokens"]),
+                                 temperature=decode.temperature, avg_logprob=float(decode.avg_logprob),
+                                 compression_ratio=decode.compression_ratio,
+                                 no_speech_prob=float(decode.no_speech_prob)))  # fmt: skip
     return Transcript(" ".join(s.text for s in found), language, tuple(found), audio.duration_s)
 
 

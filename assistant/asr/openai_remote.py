@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from assistant.asr.base import for_request
 from assistant.asr.language import WHISPER_LANGUAGES, language_code
 from assistant.config import AsrConfig, Task
 from assistant.errors import AsrError
@@ -54,18 +55,23 @@ class OpenAITranscriber:
         task: Task = "transcribe",
         timestamps: bool = True,
         word_timestamps: bool = False,
+        prompt: str | None = None,
+        temperatures: tuple[float, ...] | None = None,
     ) -> list[Transcript]:
         """One request per window, ``asr.max_in_flight`` at a time; results in order. AsrError names the server and
-        gives its message when a window is refused after the retries."""
-        return list(self._pool.map(lambda audio: self._one(audio, language, task, word_timestamps), audios))
+        gives its message when a window is refused after the retries. The server runs its own fallback from the
+        ladder's first temperature (OpenAI's ``temperature``)."""
+        config = for_request(self._config, prompt, temperatures)
+        return list(self._pool.map(lambda audio: self._one(audio, language, task, word_timestamps, config), audios))
 
-    def _one(self, audio: Audio, language: str | None, task: Task, word_timestamps: bool) -> Transcript:
+    def _one(self, audio: Audio, language: str | None, task: Task, word_timestamps: bool,
+             config: AsrConfig) -> Transcript:  # fmt: skip
         options: dict[str, Any] = {
-            "model": self._config.model, "file": ("window.wav", _wav(audio), "audio/wav"),
-            "response_format": "json" if self._plain else "verbose_json", "temperature": self._config.temperatures[0],
+            "model": config.model, "file": ("window.wav", _wav(audio), "audio/wav"),
+            "response_format": "json" if self._plain else "verbose_json", "temperature": config.temperatures[0],
         }  # fmt: skip
-        if self._config.initial_prompt:
-            options["prompt"] = self._config.initial_prompt
+        if config.initial_prompt:
+            options["prompt"] = config.initial_prompt
         if task != "translate" and language:
             options["language"] = language
         if task != "translate" and word_timestamps and not self._plain:
@@ -76,7 +82,7 @@ class OpenAITranscriber:
             if self._plain or "verbose_json" not in _message_of(exc):
                 raise AsrError(self._refused(exc, audio)) from None
             self._plain = True  # the server knows only json: the window becomes one segment (no word times)
-            return self._one(audio, language, task, word_timestamps)
+            return self._one(audio, language, task, word_timestamps, config)
         except self._openai.APIStatusError as exc:
             raise AsrError(self._refused(exc, audio)) from None
         except self._openai.APIConnectionError as exc:  # includes timeouts, after the retries
@@ -98,7 +104,8 @@ def transcript_of(response: Any, duration_s: float, language: str | None) -> Tra
     """OpenAI's verbose_json (as the SDK returns it, or a plain dict) as a Transcript of one window, in ``language``
     when it was given (else the one the server detected, as a code). Words are taken from each segment when the
     server nests them there (speaches), else from the top-level list (OpenAI, vLLM, assistant serve), each given
-    to the segment it falls in."""
+    to the segment it falls in. The decoding values of OpenAI's segments (``seek``, ``tokens``, ``temperature``,
+    ``avg_logprob``, ``compression_ratio``, ``no_speech_prob``) are kept where the server gives them."""
     data = response.model_dump() if hasattr(response, "model_dump") else dict(response)
     code = language or language_code(data.get("language"))
     loose = [_word(w) for w in data.get("words") or []]
@@ -107,11 +114,28 @@ def transcript_of(response: Any, duration_s: float, language: str | None) -> Tra
         start, end = float(item["start"]), float(item["end"])
         nested = item.get("words")
         words = [_word(w) for w in nested] if nested else [w for w in loose if start <= (w.start_s + w.end_s) / 2 < end]
-        segments.append(Segment(start, min(end, duration_s), str(item.get("text", "")), tuple(words), code))
+        segments.append(Segment(start, min(end, duration_s), str(item.get("text", "")), tuple(words), code,
+                                **_decoding(item)))  # fmt: skip
     text = str(data.get("text") or "").strip()
     if not segments and text:  # a server that returns text only: one segment over the window
         segments.append(Segment(0.0, duration_s, " " + text, tuple(loose), code))
     return Transcript(text, code, tuple(segments), duration_s)
+
+
+def _decoding(item: dict[str, Any]) -> dict[str, Any]:
+    """A verbose_json segment's decoding values as Segment's fields; a value the server left out or sent as
+    something else stays None."""
+
+    def number(key: str) -> float | None:
+        value = item.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    seek, tokens = number("seek"), item.get("tokens")
+    whole = isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)
+    kept = tuple(tokens) if whole else None
+    return {"seek": None if seek is None else round(seek), "tokens": kept, "temperature": number("temperature"),
+            "avg_logprob": number("avg_logprob"), "compression_ratio": number("compression_ratio"),
+            "no_speech_prob": number("no_speech_prob")}  # fmt: skip
 
 
 def _word(item: dict[str, Any]) -> Word:
@@ -138,8 +162,7 @@ def _message_of(exc: Any) -> str:
 def _hint(status: int) -> str:
     return {
         401: " (check asr.api_key)",
-        404: " (check asr.base_url and asr.model; --task translate needs /v1/audio/translations, which "
-        "assistant serve does not have)",
+        404: " (check asr.base_url and asr.model; --task translate needs the server's /v1/audio/translations)",
         413: " (the server's upload limit is below one window; raise it there or lower asr.chunk_s)",
         429: " (the server's rate limit; raise asr.max_retries to wait out its Retry-After)",
     }.get(status, "")

@@ -64,10 +64,17 @@ def write_tsv(transcript: Transcript, meta: Mapping[str, Any], options: CueOptio
 
 
 def segment_json(index: int, segment: Segment) -> dict[str, Any]:
-    """One segment as JSON: openai/whisper's fields, plus ``language`` when known and ``words`` when asked for."""
-    document: dict[str, Any] = {
-        "id": index, "start": round(segment.start_s, 3), "end": round(segment.end_s, 3), "text": segment.text,
-    }  # fmt: skip
+    """One segment as JSON: openai/whisper's fields, in its order (those the recogniser did not give are left out,
+    never null), plus ``language`` when known and ``words`` when asked for."""
+    document: dict[str, Any] = {"id": index}
+    if segment.seek is not None:
+        document["seek"] = segment.seek
+    document.update(start=round(segment.start_s, 3), end=round(segment.end_s, 3), text=segment.text)
+    if segment.tokens is not None:
+        document["tokens"] = list(segment.tokens)
+    decoding = {"temperature": segment.temperature, "avg_logprob": segment.avg_logprob,
+                "compression_ratio": segment.compression_ratio, "no_speech_prob": segment.no_speech_prob}  # fmt: skip
+    document.update((key, value) for key, value in decoding.items() if value is not None)
     if segment.language:
         document["language"] = segment.language
     if segment.words:
