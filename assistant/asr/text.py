@@ -13,7 +13,8 @@ _CHINESE = ("zh",)  # Whisper's Mandarin code; yue keeps what the model writes
 
 def apply_zh_script(transcript: Transcript, script: ZhScript) -> Transcript:
     """Whisper mixes simplified and traditional characters; convert the Chinese of a transcript to one script.
-    Segments carry their own language in files that switch language: only the Chinese ones are converted."""
+    Segments carry their own language in files that switch language: only the Chinese ones are converted. Their
+    decoding values (``tokens``, ``compression_ratio``, ...) stay those of the text as the recogniser wrote it."""
     chinese = [(s.language or transcript.language) in _CHINESE for s in transcript.segments]
     if script == "as-is" or not (any(chinese) or (not transcript.segments and transcript.language in _CHINESE)):
         return transcript
