@@ -188,6 +188,21 @@ def test_json_schema_output_obeys_the_schema(server: str) -> None:
     assert isinstance(json.loads(any_object.choices[0].message.content), dict)
 
 
+def test_the_sdks_parse_helper_gets_its_pydantic_model(server: str) -> None:
+    """``client.chat.completions.parse`` (what instructor-style code uses): a Pydantic model as a strict schema, the
+    reply parsed back into it by the SDK itself."""
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+        population_millions: float
+
+    ask = [{"role": "user", "content": "Describe Paris."}]
+    parsed = client(server).chat.completions.parse(model=MODEL, response_format=City, max_tokens=80, messages=ask)
+    assert isinstance(parsed.choices[0].message.parsed, City)
+
+
 # --- tool calls ---------------------------------------------------------------------------------------------------
 
 
