@@ -34,8 +34,8 @@ from assistant.config import Task
 from assistant.errors import (
     AssistantError,
     AudioDecodeError,
-    ConfigError,
     ConflictError,
+    InvalidRequestError,
     LimitError,
     NotFoundError,
     UnsupportedMediaTypeError,
@@ -83,10 +83,12 @@ def timestamp_granularities(values: list[Any], response_format: str) -> frozense
     given = frozenset(str(value) for value in values)
     unknown = sorted(given - set(GRANULARITIES))
     if unknown:
-        raise ConfigError(f"timestamp_granularities {unknown}: choose from {', '.join(GRANULARITIES)}",
-                          param="timestamp_granularities")  # fmt: skip
+        raise InvalidRequestError(f"timestamp_granularities {unknown}: choose from {', '.join(GRANULARITIES)}",
+                                  param="timestamp_granularities")  # fmt: skip
     if given and response_format != "verbose_json":
-        raise ConfigError("timestamp_granularities needs response_format=verbose_json", param="timestamp_granularities")
+        raise InvalidRequestError(
+            "timestamp_granularities needs response_format=verbose_json", param="timestamp_granularities"
+        )
     return given or frozenset({"segment"})
 
 
@@ -187,7 +189,7 @@ async def read_upload(request: Request, limit_bytes: int, max_mb: float, *, keep
     form = await request.form(max_files=1, max_fields=32, max_part_size=64 * 1024)
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
-        raise ConfigError("file: send the audio as a multipart file field named 'file'", param="file")
+        raise InvalidRequestError("file: send the audio as a multipart file field named 'file'", param="file")
     fields = form_fields(form, kind)
     folder = Path(tempfile.mkdtemp(prefix="assistant-upload-"))
     try:
@@ -222,10 +224,10 @@ def form_fields(form: FormData, kind: Kind) -> _Fields:
     for key in form:
         name = key.split("[", 1)[0]
         if name not in allowed:
-            raise ConfigError(f"{name}: {ROUTES[kind]} has no such field; its fields are {', '.join(allowed)}",
-                              param=name)  # fmt: skip
+            raise InvalidRequestError(f"{name}: {ROUTES[kind]} has no such field; its fields are {', '.join(allowed)}",
+                                      param=name, code="unknown_parameter")  # fmt: skip
         if name in REFUSED and any(str(value).strip() for value in form.getlist(key)):
-            raise ConfigError(f"{name}: {REFUSED[name]}", param=name)
+            raise InvalidRequestError(f"{name}: {REFUSED[name]}", param=name, code="unsupported_parameter")
     response_format = _response_format(_text(form, "response_format") or "json", kind)
     given = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
     _check_chunking(form)
@@ -239,17 +241,18 @@ def _text(form: FormData, name: str) -> str | None:
     """A text field's value, stripped; None when absent or empty. A file sent in a text field is refused."""
     value = form.get(name)
     if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{name}: expected text, got a file", param=name)
+        raise InvalidRequestError(f"{name}: expected text, got a file", param=name)
     return (value or "").strip() or None
 
 
 def _response_format(value: str, kind: Kind) -> str:
     if value == "diarized_json" and kind != "translation":
-        raise ConfigError("response_format 'diarized_json': speaker diarization is not done here; choose one of "
-                          f"{', '.join(RESPONSE_FORMATS)}", param="response_format")  # fmt: skip
+        raise InvalidRequestError("response_format 'diarized_json': speaker diarization is not done here; choose one "
+                                  f"of {', '.join(RESPONSE_FORMATS)}", param="response_format",
+                                  code="unsupported_value")  # fmt: skip
     if value not in RESPONSE_FORMATS:
-        raise ConfigError(f"response_format {value!r}: choose one of {', '.join(RESPONSE_FORMATS)}",
-                          param="response_format")  # fmt: skip
+        raise InvalidRequestError(f"response_format {value!r}: choose one of {', '.join(RESPONSE_FORMATS)}",
+                                  param="response_format")  # fmt: skip
     return value
 
 
@@ -262,7 +265,7 @@ def _temperature(value: str | None) -> float | None:
     except ValueError:
         temperature = math.nan
     if not 0.0 <= temperature <= 1.0:  # NaN too
-        raise ConfigError(f"temperature {value!r}: give a number from 0 to 1", param="temperature")
+        raise InvalidRequestError(f"temperature {value!r}: give a number from 0 to 1", param="temperature")
     return temperature
 
 
@@ -270,13 +273,17 @@ def _stream(value: str | None, response_format: str, kind: Kind) -> bool:
     if value is None or value.lower() == "false":
         return False
     if value.lower() != "true":
-        raise ConfigError(f"stream {value!r}: give true or false", param="stream")
+        raise InvalidRequestError(f"stream {value!r}: give true or false", param="stream")
     if kind == "job":
-        raise ConfigError("stream: a job is not streamed; fetch its result from /v1/transcription_jobs/{id}/result, "
-                          "or stream from /v1/audio/transcriptions", param="stream")  # fmt: skip
+        raise InvalidRequestError(
+            "stream: a job is not streamed; fetch its result from /v1/transcription_jobs/{id}/result, or stream "
+            "from /v1/audio/transcriptions",
+            param="stream",
+            code="unsupported_value",
+        )
     if response_format not in STREAM_FORMATS:
-        raise ConfigError(f"stream: transcript.text events carry text only; use response_format "
-                          f"{' or '.join(STREAM_FORMATS)} with stream=true", param="stream")  # fmt: skip
+        raise InvalidRequestError(f"stream: transcript.text events carry text only; use response_format "
+                                  f"{' or '.join(STREAM_FORMATS)} with stream=true", param="stream")  # fmt: skip
     return True
 
 
@@ -287,10 +294,11 @@ def _check_chunking(form: FormData) -> None:
     keys = [key for key in form if key.split("[", 1)[0] == "chunking_strategy"]
     values = [str(value).strip() for key in keys for value in form.getlist(key)]
     if any(key != "chunking_strategy" for key in keys) or any(value not in ("", "auto") for value in values):
-        raise ConfigError(
+        raise InvalidRequestError(
             "chunking_strategy: only 'auto' is taken (loudness normalisation, then the server's own VAD, set by its "
             "vad.* settings); a server_vad object is not",
             param="chunking_strategy",
+            code="unsupported_value",
         )
 
 
@@ -355,7 +363,9 @@ def rendered(transcript: Transcript, response_format: str, granularities: frozen
         return JSONResponse({"text": transcript.text})
     if response_format == "verbose_json":
         return JSONResponse(verbose_json(transcript, granularities, task))
-    raise ConfigError(f"format {response_format!r}: choose one of {', '.join(RESPONSE_FORMATS)}", param="format")
+    raise InvalidRequestError(
+        f"format {response_format!r}: choose one of {', '.join(RESPONSE_FORMATS)}", param="format"
+    )
 
 
 async def answer(services: Services, request: Request, upload: Upload, cues: CueOptions) -> Response:
