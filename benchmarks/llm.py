@@ -9,6 +9,13 @@ identical. The baseline is the script from today's guides: each turn it re-rende
 of the previous turn and encode only what is new. "streaming overhead" compares ``stream()`` (incremental
 detokenization and stop-string checks per token) with ``complete()`` (decode once at the end) on the same prompt.
 Targets: TTFT at turn 10 no worse than 1.5x turn 1; streaming adds under 5% to total generation time.
+
+    .venv/bin/python benchmarks/llm.py --structured [--repeats 3] [--systems llama-cpp,hf]
+
+JSON-schema decoding cost (issue 19): the same request (turn a customer e-mail into a support ticket) answered
+freely and under ``TICKET_SCHEMA`` (typed fields, enums, a nested array of objects), greedy, alternated
+``--repeats`` times; decode tok/s of the least disturbed run of each. Target: the schema costs at most 15% of
+free-text tok/s on the offline default (llama-cpp).
 """
 
 from __future__ import annotations
@@ -43,7 +50,43 @@ QUESTIONS = [
     "List four healthy breakfast ideas that take under five minutes.",
 ]
 SYSTEMS = ("baseline", "hf", "llama-cpp")
+STRUCTURED_SYSTEMS = ("llama-cpp", "hf")
+STRUCTURED_TOKENS = 200
 STREAM_REPEATS = 3
+TICKET_EMAIL = (
+    "Turn this e-mail into a support ticket, as JSON with the fields customer, order_id, category, priority, items "
+    "(each with sku, quantity and problem), refund_requested and a summary of at most ten words.\n\n"
+    "From: Maria Keller\nSubject: Wrong size, and the second parcel never came\n\n"
+    "Hello, I ordered two pairs of running shoes (SKU RS-204, size 39) and a rain jacket (SKU JK-88) in order "
+    "558213. The shoes came in size 41 and the jacket has not arrived after three weeks. I would like the shoes "
+    "exchanged and my money back for the jacket. This is the second time this happens, please hurry."
+)
+TICKET_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "customer": {"type": "string"},
+        "order_id": {"type": "integer"},
+        "category": {"enum": ["delivery", "wrong_item", "damaged", "billing", "other"]},
+        "priority": {"enum": ["low", "normal", "high", "urgent"]},
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string"},
+                    "quantity": {"type": "integer"},
+                    "problem": {"type": "string"},
+                },
+                "required": ["sku", "quantity", "problem"],
+                "additionalProperties": False,
+            },
+        },
+        "refund_requested": {"type": "boolean"},
+        "summary": {"type": "string"},
+    },
+    "required": ["customer", "order_id", "category", "priority", "items", "refund_requested", "summary"],
+    "additionalProperties": False,
+}
 
 
 def run_system(system: str, turns: int, tokens: int) -> dict[str, Any]:
@@ -96,6 +139,64 @@ def _ours(backend: str, turns: int, tokens: int, started: float) -> dict[str, An
         "prompt_tokens": prompt_tokens,
         "stream_overhead": min(streamed) / min(completed) - 1,
     }
+
+
+def run_structured(backend: str, repeats: int, tokens: int) -> dict[str, Any]:
+    """Free text and schema-constrained JSON for the same request, alternated; runs in a child process."""
+    from assistant import registry
+    from assistant.config import LlmConfig, SamplingConfig
+    from assistant.llm.structured import JsonOutput
+    from assistant.messages import Message
+
+    params = SamplingConfig(temperature=0, repetition_penalty=1.0, max_new_tokens=tokens)
+    model = registry.create("llm", backend, LlmConfig(backend=backend, model=MODEL, sampling=params))
+    prompt = [Message("system", SYSTEM_PROMPT), Message("user", TICKET_EMAIL)]
+    output = JsonOutput(TICKET_SCHEMA, name="ticket", strict=True)
+    model.stream(prompt, params, output=output).close()  # compiles the grammar (cached) before any run is timed
+    runs: dict[str, list[Any]] = {"free": [], "schema": []}
+    for _ in range(repeats):
+        for mode, constraint in (("free", None), ("schema", output)):
+            reply = model.stream(prompt, params, output=constraint)
+            text = "".join(reply)
+            runs[mode].append((reply.stats.decode_tokens_per_s, reply.stats.completion_tokens, text))
+    result: dict[str, Any] = {"model": model.description}
+    for mode, measured in runs.items():
+        rate, count, text = max(measured)
+        result[mode] = {"tok_s": rate, "all_tok_s": [m[0] for m in measured], "tokens": count, "text": text}
+    result["schema"]["valid"] = _obeys(result["schema"]["text"], TICKET_SCHEMA)
+    return result
+
+
+def _obeys(text: str, schema: dict[str, Any]) -> bool:
+    import jsonschema  # the test extra
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return bool(jsonschema.Draft202012Validator(schema).is_valid(value))
+
+
+def print_structured_table(results: dict[str, dict[str, Any]], tokens: int) -> None:
+    print(f"\nJSON-schema decoding cost: greedy, at most {tokens} tokens, best run of each, this machine's CPU\n")
+    header = "| system | free tok/s | schema tok/s | schema / free | cost | tokens free / schema | schema JSON valid |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for system, result in results.items():
+        free, schema = result["free"], result["schema"]
+        ratio = schema["tok_s"] / free["tok_s"] if free["tok_s"] else 0.0
+        print(
+            f"| {system} | {free['tok_s']:.1f} | {schema['tok_s']:.1f} | {ratio:.2f} | {(1 - ratio) * 100:+.1f}% | "
+            f"{free['tokens']} / {schema['tokens']} | {'yes' if schema['valid'] else 'NO'} |"
+        )
+    for system, result in results.items():
+        print(f"\n{system} ({result['model']}), all runs tok/s: free {_rates(result['free'])}, "
+              f"schema {_rates(result['schema'])}\nfree reply: {result['free']['text']}\n"
+              f"schema reply: {result['schema']['text']}")  # fmt: skip
+
+
+def _rates(runs: dict[str, Any]) -> str:
+    return ", ".join(f"{rate:.1f}" for rate in runs["all_tok_s"])
 
 
 def _baseline(turns: int, tokens: int, started: float) -> dict[str, Any]:
@@ -154,27 +255,37 @@ def _baseline(turns: int, tokens: int, started: float) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=10, help="conversation length (at most 12)")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens per reply (forced)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--tokens", type=int, help="tokens per reply (forced; default 32), or at most (--structured: "
+                        f"default {STRUCTURED_TOKENS})")  # fmt: skip
+    parser.add_argument("--systems", help=f"default: {','.join(SYSTEMS)} ({','.join(STRUCTURED_SYSTEMS)} with "
+                        "--structured)")  # fmt: skip
+    parser.add_argument("--structured", action="store_true", help="JSON-schema decoding cost instead")
+    parser.add_argument("--repeats", type=int, default=3, help="--structured: runs of each mode")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     turns = max(2, min(args.turns, len(QUESTIONS)))
+    tokens = args.tokens if args.tokens is not None else (STRUCTURED_TOKENS if args.structured else 32)
     if args.child:
-        print(json.dumps(run_system(args.child, turns, args.tokens)))
+        result = (run_structured(args.child, args.repeats, tokens) if args.structured
+                  else run_system(args.child, turns, tokens))  # fmt: skip
+        print(json.dumps(result, ensure_ascii=False))
         return 0
+    systems = args.systems or ",".join(STRUCTURED_SYSTEMS if args.structured else SYSTEMS)
     results = {}
-    for system in args.systems.split(","):
+    for system in systems.split(","):
         print(f"running {system} ...", file=sys.stderr, flush=True)
-        child = subprocess.run(
-            [sys.executable, __file__, "--child", system, "--turns", str(turns), "--tokens", str(args.tokens)],
-            capture_output=True,
-            text=True,
-        )
+        options = ["--turns", str(turns), "--tokens", str(tokens), "--repeats", str(args.repeats)]
+        if args.structured:
+            options.append("--structured")
+        child = subprocess.run([sys.executable, __file__, "--child", system, *options], capture_output=True, text=True)
         if child.returncode != 0:
             print(f"{system} failed:\n{child.stderr[-2000:]}", file=sys.stderr)
             continue
         results[system] = json.loads(child.stdout.strip().splitlines()[-1])
-    print_table(results, turns, args.tokens)
+    if args.structured:
+        print_structured_table(results, tokens)
+    else:
+        print_table(results, turns, tokens)
     return 0 if results else 1
 
 

@@ -194,6 +194,10 @@ class TokenChatModel(ABC):
         """Prompt tokens of the current reply served from the previous turn's cache (set during ``sample``)."""
         return 0
 
+    def prepare_output(self, output: JsonOutput, field: str = "response_format") -> None:  # noqa: B027
+        """Compile ``output``'s constraint before any generation (backends cache it), so that a schema the backend
+        cannot enforce is refused at the call: ConfigError naming ``field``, the request field it came from."""
+
     def close(self) -> None:  # noqa: B027 - backends without resources need nothing
         """Free the model."""
 
@@ -231,6 +235,8 @@ class TokenChatModel(ABC):
             )
         limit = min(room, params.max_new_tokens)
         constraint = plan.constraint or output
+        if constraint is not None:
+            self.prepare_output(constraint, "tools" if plan.constraint else "response_format")
         if not plan.parses:
             return Reply(lambda reply: self._deltas(reply, prompt_ids, params, limit, cancel, constraint))
         return Reply(

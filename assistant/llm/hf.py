@@ -8,18 +8,24 @@ turn, feeds only the tokens after the longest common prefix (the history is not 
 within one token when the consumer stops reading; and it needs no thread and queue for streaming. ``llm.cache:
 static`` preallocates the cache for the whole context; ``llm.compile`` also compiles the one-token decode step
 (torch.compile, CUDA graphs on GPUs), the fast path for batch-1 decode; the default stays the portable eager loop.
+
+JSON output (``JsonOutput``) is enforced with llguidance, the constrained-decoding library vLLM and SGLang use: each
+step it computes the bitmask of tokens that keep the text a prefix of a JSON value obeying the schema, which is
+applied to the logits before any sampling processor (``TokenMask``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from assistant.config import LlmConfig, SamplingConfig
 from assistant.devices import pick_attention, pick_device, pick_dtype, quiet_model_libraries
-from assistant.errors import ConfigError, ModelLoadError
+from assistant.errors import ConfigError, LlmError, ModelLoadError
 from assistant.llm.base import TokenChatModel
+from assistant.llm.constrained import SPACE_REGEX, CompiledCache, SchemaError
 from assistant.llm.structured import JsonOutput
 from assistant.llm.templates import JinjaTemplate, choose_template
 from assistant.models import ModelLocation, gguf_file, hub_unreachable, resolve_model
@@ -58,6 +64,7 @@ class HFChatModel(TokenChatModel):
             # graph breaks are allowed: bitsandbytes' quantized matmuls are not traceable
             torch.compile(self._model.forward, mode="reduce-overhead") if config.compile else None
         )
+        self._matchers: CompiledCache[Any] = CompiledCache(self._compile_matcher)
 
     @property
     def description(self) -> str:
@@ -132,9 +139,15 @@ class HFChatModel(TokenChatModel):
     def cached_tokens(self) -> int:
         return self._cached
 
+    def prepare_output(self, output: JsonOutput, field: str = "response_format") -> None:
+        self._matchers.get(output, field)
+
     def sample(self, prompt_ids: list[int], params: SamplingConfig, output: JsonOutput | None = None) -> Iterator[int]:
+        mask = None
+        if output is not None:
+            mask = TokenMask(self._matchers.get(output).deep_copy(), self._guidance_tokenizer.vocab_size)
         try:
-            yield from self._sample(prompt_ids, params)
+            yield from self._sample(prompt_ids, params, mask)
         except self._torch.OutOfMemoryError:
             # the half-written KV cache is already dropped; give its memory back so the next turn can run
             self._cache, self._cache_ids = None, []
@@ -142,7 +155,7 @@ class HFChatModel(TokenChatModel):
                 self._torch.cuda.empty_cache()
             raise
 
-    def _sample(self, prompt_ids: list[int], params: SamplingConfig) -> Iterator[int]:
+    def _sample(self, prompt_ids: list[int], params: SamplingConfig, mask: TokenMask | None = None) -> Iterator[int]:
         torch = self._torch
         with torch.inference_mode():
             new_ids = self._reuse_cache(prompt_ids)
@@ -154,7 +167,9 @@ class HFChatModel(TokenChatModel):
             suppressed = torch.tensor(sorted(self._end_ids), device=self._input_device)
             for step in range(params.max_new_tokens + 1):
                 logits = self._forward(new_ids)
-                if step < params.min_new_tokens:
+                if mask is not None:  # the JSON decides where the reply ends: min_new_tokens does not apply
+                    mask.apply(logits)
+                elif step < params.min_new_tokens:
                     logits[:, suppressed] = -float("inf")
                 logits = processors(seen, logits)
                 if params.temperature == 0:
@@ -162,9 +177,39 @@ class HFChatModel(TokenChatModel):
                 else:
                     probabilities = torch.softmax(logits, dim=-1)
                     token = torch.multinomial(probabilities, num_samples=1, generator=generator)
+                if mask is not None:
+                    mask.consume(int(token))
                 yield int(token)
                 seen = torch.cat([seen, token], dim=-1)
                 new_ids = [int(token)]
+
+    @functools.cached_property
+    def _guidance_tokenizer(self) -> Any:
+        """llguidance's view of the vocabulary, ending on our end-of-generation ids (built on first use: about a
+        second for a 150k vocabulary)."""
+        try:
+            import llguidance.hf
+        except ImportError as exc:
+            raise SchemaError(f"backend hf needs llguidance for JSON output ({exc}): pip install llguidance") from None
+        try:
+            return llguidance.hf.from_tokenizer(self._tokenizer, eos_token=sorted(self._end_ids) or None)
+        except ValueError as exc:  # a slow (Python) tokenizer: llguidance reads the Rust tokenizers' JSON
+            raise SchemaError(f"llguidance cannot read this model's tokenizer ({exc})") from None
+
+    def _compile_matcher(self, schema_text: str, strict: bool) -> Any:
+        """A matcher for the schema at its start; each reply constrains a copy of it. Without ``strict``,
+        llguidance leaves the keywords it does not implement to the model (its ``lenient`` option)."""
+        import llguidance
+
+        options = {"whitespace_pattern": SPACE_REGEX, "lenient": not strict}
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text, defaults=options)
+        except ValueError as exc:
+            raise SchemaError(f"the schema must be a JSON object ({exc})") from None
+        matcher = llguidance.LLMatcher(self._guidance_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise SchemaError(f"llguidance cannot enforce the schema: {_first_line(matcher.get_error())}")
+        return matcher
 
     def _reuse_cache(self, prompt_ids: list[int]) -> list[int]:
         """Keep the cache's longest common prefix with the prompt; return the ids still to feed."""
@@ -219,6 +264,42 @@ class HFChatModel(TokenChatModel):
         del self._model
         if self._torch.cuda.is_available():
             self._torch.cuda.empty_cache()
+
+
+class TokenMask:
+    """The tokens one llguidance matcher allows next, applied to a row of logits, and the matcher advanced by each
+    token sampled. The bitmask has a bit per tokenizer token (bit ``i % 32`` of word ``i // 32``); the logits may be
+    wider (embedding matrices padded to a multiple of 64 or 128): the padding ids are never allowed. Applied with
+    torch ops rather than ``llguidance.torch``, whose kernel is torch.compile'd (seconds of compiling on a CPU)."""
+
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
+        import llguidance.numpy
+
+        self._matcher = matcher
+        self._bits = llguidance.numpy.allocate_token_bitmask(1, vocab_size)
+
+    def apply(self, logits: Any) -> None:
+        import llguidance.numpy
+        import numpy as np
+        import torch
+
+        llguidance.numpy.fill_next_token_bitmask(self._matcher, self._bits, 0)
+        bits = np.unpackbits(self._bits.astype("<i4").view(np.uint8), bitorder="little")
+        width = logits.shape[-1]
+        allowed = torch.zeros(width, dtype=torch.bool)
+        shared = min(width, bits.size)
+        allowed[:shared] = torch.from_numpy(bits[:shared].astype(bool))
+        if not bool(allowed.any()):
+            raise LlmError(f"the JSON constraint allows no token: {_first_line(self._matcher.get_error())}")
+        logits.masked_fill_(~allowed.to(logits.device), -float("inf"))
+
+    def consume(self, token: int) -> None:
+        if not self._matcher.consume_token(token):
+            raise LlmError(f"the JSON constraint refused token {token}: {_first_line(self._matcher.get_error())}")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:300] if text.strip() else "no reason given"
 
 
 def _source(location: ModelLocation) -> tuple[str, dict[str, Any]]:
