@@ -168,3 +168,17 @@ def test_saved_tool_turns_are_conversation_items_the_sdk_reads() -> None:
     call, output = page.data[1], page.data[2]
     assert (call.call_id, call.name, call.arguments) == ("call_1", "get_weather", '{"city":"Oslo"}')
     assert (output.call_id, output.output) == ("call_1", "3 C")
+
+
+def test_bare_calls_without_tags_are_calls_to_known_tools_only() -> None:
+    """Small models (the offline Qwen2.5-Coder 0.5B) often answer with the call's JSON and no tags."""
+    names = frozenset({"get_weather", "get_time"})
+    parser = HermesParser(names=names)
+    streamed = [*parser.feed('\n{"name": "get_weather", '), *parser.feed('"arguments": {"city": "Oslo"}}\n'),
+                *parser.feed('{"name": "get_time", "arguments": {}}')]  # fmt: skip
+    assert streamed == []  # held until the reply shows what it is
+    calls = list(parser.finish())
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Oslo"}'), ("get_time", "{}")]
+    for text in ('{"name": "send_email", "arguments": {}}', '{"answer": 42}'):  # unknown function, plain JSON
+        parser = HermesParser(names=names)
+        assert [*parser.feed(text), *parser.finish()] == [text]

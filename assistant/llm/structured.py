@@ -102,13 +102,15 @@ class ToolPlan:
             forced = tuple(tool for tool in tool_use.tools if tool.name == tool_use.choice)
             if not forced:
                 raise TemplateError(f"tool_choice: no function named {tool_use.choice!r} in tools", param="tool_choice")
-        constraint = JsonOutput(call_schema(forced), name="tool_call", strict=True)
+        # held to the functions' schemas as OpenAI holds them: a keyword the backend cannot enforce is refused only
+        # when every forced function asks for strict schemas
+        constraint = JsonOutput(call_schema(forced), name="tool_call", strict=all(tool.strict for tool in forced))
         return cls(tool_use.tools, f"{CALL_START}\n", constraint, parses=True, parallel=False)
 
     def calls(self, reply: Reply, deltas: Iterator[str]) -> Iterator[str | ToolCall]:
         """The reply's text split into content deltas and completed calls; finish_reason becomes ``tool_calls``
         when there is a call. With ``parallel`` off, generation ends after the first call."""
-        parser = HermesParser(inside=bool(self.prefill))
+        parser = HermesParser(inside=bool(self.prefill), names=frozenset(tool.name for tool in self.shown))
         made = 0
         try:
             for delta in deltas:
@@ -128,16 +130,26 @@ class ToolPlan:
 class HermesParser:
     """Splits streamed text into content and ``<tool_call>{json}</tool_call>`` calls. Text that might be the start of
     a tag is held back until it is not; a call whose JSON does not parse (an unconstrained model's slip) is given
-    back as content, tags included, rather than lost."""
+    back as content, tags included, rather than lost.
 
-    def __init__(self, *, inside: bool = False) -> None:
+    Small models often leave the tags out and answer with the bare call (``{"name": "get_weather", "arguments":
+    {...}}``, one per line): a reply that starts with ``{`` is held to its end and taken as calls when every line of
+    it is a call to one of ``names``, as content otherwise."""
+
+    def __init__(self, *, inside: bool = False, names: frozenset[str] = frozenset()) -> None:
         self._inside = inside
         self._opened = inside  # the call's opening tag was in the prompt, not the reply
+        self._names = names
+        self._bare: bool | None = None if names and not inside else False  # None: not known yet
         self._held = ""
         self.calls_made = 0
 
     def feed(self, text: str) -> Iterator[str | ToolCall]:
         self._held += text
+        if self._bare is None and self._held.strip():
+            self._bare = self._held.lstrip().startswith("{")
+        if self._bare is not False:
+            return  # held to the end (or until the reply shows what it is)
         while True:
             tag = CALL_END if self._inside else CALL_START
             position = self._held.find(tag)
@@ -160,6 +172,13 @@ class HermesParser:
     def finish(self) -> Iterator[str | ToolCall]:
         """What is left when generation ends: an unclosed call (the model stopped after its JSON) is still a call."""
         held, self._held = self._held, ""
+        if self._bare:
+            lines = [line for line in held.splitlines() if line.strip()]
+            calls = [_parse_call(line) for line in lines] if len(lines) > 1 else [_parse_call(held)]
+            if calls and all(call is not None and call.name in self._names for call in calls):
+                self.calls_made += len(calls)
+                yield from (call for call in calls if call is not None)
+                return
         if self._inside:
             if held.strip():
                 yield self._call_or_text(held, closed=False)
