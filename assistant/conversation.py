@@ -256,9 +256,7 @@ def _message_to_json(message: Message) -> dict[str, Any]:
     """One message as saved: OpenAI's fields (tool calls and the call a tool result answers included) and ``cut``."""
     saved: dict[str, Any] = {"role": message.role, "content": message.content, "cut": message.cut}
     if message.tool_calls:
-        saved["tool_calls"] = [{"id": call.id, "type": "function",
-                                "function": {"name": call.name, "arguments": call.arguments}}
-                               for call in message.tool_calls]  # fmt: skip
+        saved["tool_calls"] = [call.to_openai() for call in message.tool_calls]
     if message.tool_call_id is not None:
         saved["tool_call_id"] = message.tool_call_id
     return saved

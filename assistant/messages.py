@@ -133,6 +133,10 @@ class ToolCall:
     name: str
     arguments: str
 
+    def to_openai(self) -> dict[str, Any]:
+        """The ``tool_calls[]`` item as OpenAI's API writes it (and as conversations are saved)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
 
 @dataclass(frozen=True)
 class Tool:

@@ -772,9 +772,7 @@ class ChatReplyWriter:
         message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None,
                                    "refusal": None}  # fmt: skip
         if calls:
-            message["tool_calls"] = [{"id": call.id, "type": "function",
-                                      "function": {"name": call.name, "arguments": call.arguments}}
-                                     for call in calls]  # fmt: skip
+            message["tool_calls"] = [call.to_openai() for call in calls]
         return {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "system_fingerprint": None, "service_tier": "default",
                 "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(stats)}],

@@ -149,9 +149,7 @@ def _as_openai(message: Message) -> dict[str, Any]:
     sent: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
         sent["content"] = message.content or None
-        sent["tool_calls"] = [{"id": call.id, "type": "function",
-                               "function": {"name": call.name, "arguments": call.arguments}}
-                              for call in message.tool_calls]  # fmt: skip
+        sent["tool_calls"] = [call.to_openai() for call in message.tool_calls]
     if message.tool_call_id is not None:
         sent["tool_call_id"] = message.tool_call_id
     return sent
