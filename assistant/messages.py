@@ -189,7 +189,7 @@ class ReplyStats:
     completion_tokens: int = 0
     first_token_s: float = 0.0  # from the request to the first generated token
     total_s: float = 0.0
-    finish_reason: str = "stop"  # stop | length | cancelled
+    finish_reason: str = "stop"  # stop | length | cancelled | tool_calls (the reply ended in function calls)
 
     @property
     def decode_tokens_per_s(self) -> float:
