@@ -145,6 +145,22 @@ def test_another_model_name_is_not_found(server: str) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         client(server).chat.completions.create(model="gpt-4o", messages=ASK_WEATHER)
     assert missing.value.body["code"] == "model_not_found" and MODEL in missing.value.body["message"]
+    assert client(server).models.retrieve(MODEL).id == MODEL  # the SDK's models.retrieve
+    with pytest.raises(openai.NotFoundError):
+        client(server).models.retrieve("gpt-4o")
+
+
+def test_a_client_that_gives_up_does_not_hold_the_model(server: str) -> None:
+    """A non-streaming request whose client times out is cancelled: the next one is not kept waiting for it."""
+    import time
+
+    impatient = openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model=MODEL, max_tokens=600, extra_body={"min_tokens": 600},
+                                          messages=[{"role": "user", "content": "An essay on Rome."}])  # fmt: skip
+    started = time.monotonic()
+    client(server).chat.completions.create(model=MODEL, max_tokens=3, messages=ASK_WEATHER)
+    assert time.monotonic() - started < 10  # 600 tokens would take 20-60 s here
 
 
 # --- the context window -------------------------------------------------------------------------------------------

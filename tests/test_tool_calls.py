@@ -117,6 +117,12 @@ def read(**fields: Any) -> Any:
      ({"tools": [WEATHER.to_openai()], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
       "tool_choice", "invalid_value"),
      ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type", "unsupported_value"),
+     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+      "tools[0].function.parameters", "invalid_type"),
+     ({"tools": [{"type": "function", "function": {"name": "f", "foo": 1}}]}, "tools[0].function.foo",
+      "unknown_parameter"),
+     ({"tools": [{"type": "function", "function": {"name": "f"}, "foo": 1}]}, "tools[0].foo", "unknown_parameter"),
+     ({"response_format": {"type": "json_object", "x": 1}}, "response_format.x", "unknown_parameter"),
      ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
       "response_format.json_schema.name", "invalid_value")],
 )  # fmt: skip

@@ -182,7 +182,8 @@ class AccessGuard:
 
 async def _refuse(send: Send, status: int, code: str, message: str, *, prefix: str = "") -> None:
     """An HTTP answer in OpenAI's error shape (``prefix`` "websocket.": ASGI's denial response to a handshake)."""
-    body = json.dumps({"error": {"message": message, "type": code, "param": None, "code": code}}).encode()
+    kind = "server_error" if status >= 500 else "invalid_request_error"  # OpenAI's error types
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
     await send({"type": prefix + "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})  # fmt: skip

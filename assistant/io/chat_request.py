@@ -362,6 +362,14 @@ def tool_use_of(body: dict[str, Any]) -> ToolUse | None:
     return ToolUse(tools, _tool_choice(choice_value, names), True if parallel is None else parallel)
 
 
+def _only(value: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    """A nested object's keys: one OpenAI does not define is refused by name, as at the top level."""
+    for key in value:
+        if key not in allowed:
+            raise InvalidRequestError(f"Unrecognized field: {where}.{key}", param=f"{where}.{key}",
+                                      code="unknown_parameter")  # fmt: skip
+
+
 def _tool(item: Any, where: str) -> Tool:
     if isinstance(item, dict) and item.get("type") == "custom":
         raise refused(f"{where}.type", "custom (free-text) tools are not supported here; send function tools",
@@ -369,6 +377,8 @@ def _tool(item: Any, where: str) -> Tool:
     function = item.get("function") if isinstance(item, dict) else None
     if not isinstance(item, dict) or item.get("type") != "function" or not isinstance(function, dict):
         raise invalid(where, '{"type": "function", "function": {"name", "description", "parameters"}}', item)
+    _only(item, ("type", "function"), where)
+    _only(function, ("name", "description", "parameters", "strict"), f"{where}.function")
     name = function.get("name")
     if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
         raise invalid(f"{where}.function.name", "letters, digits, _ and -, at most 64", name)
@@ -376,8 +386,9 @@ def _tool(item: Any, where: str) -> Tool:
     if not isinstance(description, str):
         raise invalid(f"{where}.function.description", "a string", description, code="invalid_type")
     parameters = function.get("parameters", {"type": "object", "properties": {}})
-    if not isinstance(parameters, dict):
-        raise invalid(f"{where}.function.parameters", "a JSON Schema object", parameters, code="invalid_type")
+    if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+        raise invalid(f"{where}.function.parameters", 'a JSON Schema of an object ({"type": "object", ...}): '
+                      "arguments are named", parameters, code="invalid_type")  # fmt: skip
     strict = function.get("strict") or False
     if not isinstance(strict, bool):
         raise invalid(f"{where}.function.strict", "true or false", strict, code="invalid_type")
@@ -406,6 +417,8 @@ def output_of(value: Any) -> JsonOutput | None:
     if value is None:
         return None
     kind = value.get("type") if isinstance(value, dict) else None
+    if isinstance(value, dict):
+        _only(value, ("type", "json_schema"), "response_format")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -416,6 +429,7 @@ def output_of(value: Any) -> JsonOutput | None:
     spec = value.get("json_schema")
     if not isinstance(spec, dict):
         raise invalid("response_format.json_schema", "an object with name and schema", spec)
+    _only(spec, ("name", "description", "schema", "strict"), "response_format.json_schema")
     name, schema, strict = spec.get("name"), spec.get("schema", {}), spec.get("strict") or False
     if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
         raise invalid("response_format.json_schema.name", "letters, digits, _ and -, at most 64", name)

@@ -65,6 +65,7 @@ from assistant.io.uploads import (
     read_upload,
     rendered,
     transcribe_upload,
+    until_disconnected,
 )
 from assistant.llm.base import ChatModel, generation_failed
 from assistant.messages import ReplyStats, ToolCall, Transcript
@@ -279,7 +280,8 @@ def error_body(exc: AssistantError, status: int | None = None) -> dict[str, Any]
         if exc.prompt_tokens is not None:
             message = (
                 f"This model's maximum context length is {exc.context_tokens} tokens. However, your messages "
-                f"resulted in {exc.prompt_tokens} tokens. Please reduce the length of the messages."
+                f"resulted in {exc.prompt_tokens} tokens, leaving no room for the reply. Please reduce the length of "
+                "the messages."
             )
     kind = openai_type(status if status is not None else status_of(exc))
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -398,6 +400,15 @@ def create_app(services: Services) -> FastAPI:
             {"id": config.asr.model, "object": "model", "created": created, "owned_by": "assistant"},
         ]}  # fmt: skip
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        """OpenAI's model retrieve (the SDK's ``client.models.retrieve``): one of the served models, else 404."""
+        listed = {item["id"]: item for item in (await models())["data"]}
+        if model_id not in listed:
+            raise InvalidRequestError(f"The model `{model_id}` does not exist here; see GET /v1/models",
+                                      param="model", code="model_not_found")  # fmt: skip
+        return dict(listed[model_id])
+
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
         """OpenAI's transcription, every form field honoured or refused by name (assistant/io/uploads.py): the file
@@ -458,13 +469,16 @@ def create_app(services: Services) -> FastAPI:
         reply_of = ChatReplyWriter(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), config.llm.model)
         if not asked.stream:
             with services.shutdown.cancellable() as cancel:
-                try:
-                    items = await services.worker.run(lambda: list(generate(services, asked, cancel)))
+                try:  # a client that leaves (a timeout) cancels its reply within a token: the worker is not held
+                    work = services.worker.run(lambda: list(generate(services, asked, cancel)))
+                    items = await until_disconnected(request, work, cancel)
                 except AssistantError:
                     raise
                 except Exception as exc:
                     raise generation_failed(exc) from exc
             services.shutdown.check()  # stopped mid-reply: 503, not a cut answer passed off as complete
+            if cancel.is_set():
+                raise ClientDisconnect()  # nobody is waiting for the answer
             stats = items[-1]
             services.metrics.completion(stats, stream=False)
             return reply_of.whole(items)
@@ -743,7 +757,8 @@ class ChatReplyWriter:
 
     def chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
         data = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "system_fingerprint": None, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                "system_fingerprint": None, "service_tier": "default",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                          "finish_reason": finish}]}  # fmt: skip
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
