@@ -83,8 +83,7 @@ def test_page_shows_transcript_and_reply_from_the_microphone(page_server: str, t
         browser = launch(playwright, fake_mic)
         try:
             page = browser.new_page(bypass_csp=True)
-            page.goto(page_server + "/")
-            expect(page.locator("#status")).to_contain_text("connected", timeout=CONNECT_MS)
+            open_connected(page, page_server)
             page.uncheck("#voice")
             page.click("#handsfree")
             user = page.locator(".turn.user").first
@@ -117,8 +116,7 @@ def test_page_plays_a_spoken_reply_and_cuts_it_on_hold_to_talk(page_server: str,
         browser = launch(playwright, fake_mic)
         try:
             page = browser.new_page(bypass_csp=True)
-            page.goto(page_server + "/")
-            expect(page.locator("#status")).to_contain_text("connected", timeout=CONNECT_MS)
+            open_connected(page, page_server)
             expect(page.locator("#voice")).to_be_checked()
             page.click("#handsfree")
             user = page.locator(".turn.user").first
@@ -157,8 +155,7 @@ def test_page_says_why_the_microphone_cannot_be_used(page_server: str) -> None:
             "--no-sandbox", "--use-fake-device-for-media-stream", "--deny-permission-prompts"])  # fmt: skip
         try:
             page = browser.new_page()
-            page.goto(page_server + "/")
-            expect(page.locator("#status")).to_contain_text("connected", timeout=CONNECT_MS)
+            open_connected(page, page_server)
             page.click("#handsfree")
             expect(page.locator("#status")).to_contain_text("permission denied")
             expect(page.locator("#handsfree")).not_to_have_class(re.compile(r"\bon\b"))
@@ -173,6 +170,14 @@ def test_page_says_why_the_microphone_cannot_be_used(page_server: str) -> None:
             screenshot(page, "microphone-refused")
         finally:
             browser.close()
+
+
+def open_connected(page: Any, page_server: str) -> None:
+    """Load the page and wait until its session is open."""
+    from playwright.sync_api import expect
+
+    page.goto(page_server + "/")
+    expect(page.locator("#status")).to_contain_text("connected", timeout=CONNECT_MS)
 
 
 def launch_plain(playwright: Any) -> Any:
@@ -212,8 +217,7 @@ def test_page_typed_turn_with_a_persona_and_sampling_regenerated_and_undone(page
         browser = launch_plain(playwright)
         try:
             page = browser.new_page(bypass_csp=True)
-            page.goto(page_server + "/")
-            expect(page.locator("#status")).to_contain_text("connected", timeout=CONNECT_MS)
+            open_connected(page, page_server)
             page.uncheck("#voice")
             expect(page.locator("#persona option[value=math-teacher]")).to_have_count(1)
             page.select_option("#persona", "math-teacher")
@@ -275,8 +279,7 @@ def test_page_resumes_a_conversation_after_a_reload_and_renames_it(page_server: 
         browser = launch_plain(playwright)
         try:
             page = browser.new_page(bypass_csp=True)
-            page.goto(page_server + "/")
-            expect(page.locator("#status")).to_contain_text("connected", timeout=CONNECT_MS)
+            open_connected(page, page_server)
             page.uncheck("#voice")
             set_field(page, "#temperature", "0.4")
             typed_turn(page, "Name a fruit.")
@@ -332,8 +335,7 @@ def test_page_transcribes_files_in_a_queue_and_downloads_subtitles(page_server: 
         browser = launch_plain(playwright)
         try:
             page = browser.new_page()  # under the page's own Content-Security-Policy
-            page.goto(page_server + "/")
-            expect(page.locator("#status")).to_contain_text("connected", timeout=CONNECT_MS)
+            open_connected(page, page_server)
             page.set_input_files("#file-pick", [str(france), str(weather)])
             jobs = page.locator("#jobs .job")
             expect(jobs).to_have_count(2)

@@ -188,3 +188,25 @@ def test_bare_calls_without_tags_are_calls_to_known_tools_only() -> None:
     for text in ('{"name": "send_email", "arguments": {}}', '{"answer": 42}'):  # unknown function, plain JSON
         parser = HermesParser(names=names)
         assert [*parser.feed(text), *parser.finish()] == [text]
+
+
+def test_parallel_off_ends_generation_after_the_first_call() -> None:
+    """With parallel_tool_calls false the reply stops at the first complete call: the second is never generated."""
+    from assistant.llm.base import Reply
+    from assistant.messages import ReplyStats
+
+    plan = ToolPlan.of(JinjaTemplate(HERMES_TEMPLATE), ToolUse((WEATHER, TIME), parallel=False))
+    produced: list[str] = []
+
+    def deltas(reply: Reply) -> Any:
+        try:
+            for piece in ('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n',
+                          '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'):  # fmt: skip
+                produced.append(piece)
+                yield piece
+        finally:
+            reply.stats = ReplyStats(finish_reason="stop")
+
+    reply = Reply(lambda reply: plan.calls(reply, deltas(reply)))
+    assert "".join(reply) == "" and [call.name for call in reply.tool_calls] == ["get_time"]
+    assert len(produced) == 1 and reply.stats.finish_reason == "tool_calls"
