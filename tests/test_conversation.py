@@ -210,3 +210,34 @@ def test_tool_turns_are_saved_and_read_back(tmp_path: Path) -> None:
     assert "Called `get_weather(" in conversation.to_markdown()
     with pytest.raises(ConversationError, match="tool_call_id"):
         Conversation.from_json({"messages": [{"role": "tool", "content": "18"}]})
+
+
+def test_a_claim_waits_for_an_ending_session_and_refuses_an_open_one_at_once(tmp_path: Path) -> None:
+    """A client that closes its WebSocket and renames the conversation at once must not get 409 for the server's
+    own clean-up (the ending session's last save); a conversation still open is refused without waiting."""
+    import asyncio
+    import time
+
+    from assistant.config import Config
+    from assistant.errors import ConflictError
+    from assistant.io.server import Services
+    from assistant.worker import ModelWorker
+
+    services = Services(Config(), None, None, ModelWorker(1), (), None, ModelWorker(1))  # type: ignore[arg-type]
+    path = tmp_path / "abc.json"
+
+    async def scenario() -> float:
+        services.claim_conversation(path)
+        started = time.monotonic()
+        with pytest.raises(ConflictError, match="open in another session"):
+            await services.claim_conversation_soon(path)
+        assert time.monotonic() - started < 0.5, "an open conversation is refused at once"
+        services.conversation_closing(path)
+        asyncio.get_running_loop().call_later(0.3, services.release_conversation, path)
+        started = time.monotonic()
+        async with services.conversation_free(path):
+            assert path in services.open_conversations
+        return time.monotonic() - started
+
+    assert 0.25 < asyncio.run(scenario()) < 5
+    assert not services.open_conversations and not services.closing_conversations

@@ -141,7 +141,7 @@ class RealtimeSession:
             await self._close(CLOSE_TRY_LATER, exc.code)
             return False
         try:
-            self._saved_as = self._resume(self._ws.query_params.get("conversation"), key)
+            self._saved_as = await self._resume(self._ws.query_params.get("conversation"), key)
             self._check_model(self._ws.query_params.get("model"))
         except AssistantError as exc:
             if self._saved_as is not None:
@@ -161,6 +161,8 @@ class RealtimeSession:
             await self._close(CLOSE_INTERNAL_ERROR)
         finally:
             self._gone = True
+            if self._saved_as is not None:
+                self._services.conversation_closing(self._saved_as)
             await self.voice.close()
             if self._saved_as is not None:
                 self._services.release_conversation(self._saved_as)
@@ -193,7 +195,7 @@ class RealtimeSession:
             raise ConfigError(f"?model={model}: this server has {', '.join(sorted(known))}; use one of those or "
                               "leave model out")  # fmt: skip
 
-    def _resume(self, requested: str | None, key: str) -> Path | None:
+    async def _resume(self, requested: str | None, key: str) -> Path | None:
         """With ``server.conversation_dir``: the file this session's conversation is saved to after every turn,
         ``?conversation=ID`` resuming a saved one (a new id when none is given). None without a directory. With API
         keys, each key's conversations live in a folder of their own: one client cannot open another's."""
@@ -208,7 +210,7 @@ class RealtimeSession:
         except ConfigError:
             raise ConfigError("?conversation= takes the id from session.created: 1-64 letters, digits, '-' or "
                               "'_'") from None  # fmt: skip
-        self._services.claim_conversation(path)
+        await self._services.claim_conversation_soon(path)
         if path.is_file():
             try:
                 self.voice.chat.resume(Conversation.load(path))

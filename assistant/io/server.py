@@ -82,6 +82,8 @@ _STATUS = {"config": 400, "prompt-too-long": 400, "audio-decode": 400, "limit": 
            "shutting-down": 503, "unsupported-media-type": 415, "not-found": 404, "conflict": 409,
            "model_not_found": 404}  # fmt: skip
 WEB_DIR = Path(__file__).with_name("web")
+CLOSING_WAIT_S = 10.0  # how long a claim waits for an ending session's last save (Services.claim_conversation_soon)
+REPLICA_WAIT_S = 1.0  # ... and for a conversation another process holds
 
 
 @dataclasses.dataclass
@@ -100,6 +102,7 @@ class Services:
     sessions_by_key: dict[str, int] = dataclasses.field(default_factory=dict)
     requests: int = 0
     open_conversations: dict[Path, ExclusiveLock | None] = dataclasses.field(default_factory=dict)  # with its lock
+    closing_conversations: set[Path] = dataclasses.field(default_factory=set)  # their sessions are ending
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # uploads are transcribed one at a time (decoding and the VAD run beside the worker; their memory is a block's)
     bulk: asyncio.Semaphore = dataclasses.field(default_factory=lambda: asyncio.Semaphore(1))
@@ -201,19 +204,45 @@ class Services:
                 raise busy
             self.open_conversations[path] = held
 
-    @contextlib.contextmanager
-    def conversation_free(self, path: Path) -> Iterator[None]:
+    async def claim_conversation_soon(self, path: Path) -> None:
+        """``claim_conversation``, waiting for a session that may be ending: a client that closes its WebSocket and
+        at once renames, deletes or reopens the conversation is not refused for the server's own clean-up (the
+        ending session's last save). A session of this process that is ending is waited for up to
+        ``CLOSING_WAIT_S``; a lock held by another process (a replica) up to ``REPLICA_WAIT_S``, since whether
+        that session is ending cannot be seen from here. A session still open is refused at once."""
+        started = time.monotonic()
+        while True:
+            try:
+                self.claim_conversation(path)
+                return
+            except ConflictError:
+                waited = time.monotonic() - started
+                ending_here = path in self.closing_conversations and waited < CLOSING_WAIT_S
+                elsewhere = path not in self.open_conversations and waited < REPLICA_WAIT_S
+                if not (ending_here or elsewhere):
+                    raise
+            await asyncio.sleep(0.02)
+
+    @contextlib.asynccontextmanager
+    async def conversation_free(self, path: Path) -> AsyncIterator[None]:
         """Hold ``path`` for a change made outside any session (rename, delete): ConflictError (409) while a session,
         here or on another replica, has it open."""
-        self.claim_conversation(path)
+        await self.claim_conversation_soon(path)
         try:
             yield
         finally:
             self.release_conversation(path)
 
+    def conversation_closing(self, path: Path) -> None:
+        """The session holding ``path`` is ending: claims wait for it (``claim_conversation_soon``)."""
+        with self.lock:
+            if path in self.open_conversations:
+                self.closing_conversations.add(path)
+
     def release_conversation(self, path: Path) -> None:
         with self.lock:
             held = self.open_conversations.pop(path, None)
+            self.closing_conversations.discard(path)
         if held is not None:
             held.release()
 
@@ -601,13 +630,13 @@ def create_app(services: Services) -> FastAPI:
         """OpenAI's update (``metadata``): the title. Refused (409) while a session has the conversation open."""
         body = await json_object(request, 'a conversation update: {"metadata": {"title": "..."}}')
         saved, key = store(), key_of_request(request)
-        with services.conversation_free(saved.path_of(key, conversation_id)):
+        async with services.conversation_free(saved.path_of(key, conversation_id)):
             return await asyncio.to_thread(saved.rename, key, conversation_id, body.get("metadata"))
 
     @app.delete("/v1/conversations/{conversation_id}")
     async def delete_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
         saved, key = store(), key_of_request(request)
-        with services.conversation_free(saved.path_of(key, conversation_id)):
+        async with services.conversation_free(saved.path_of(key, conversation_id)):
             await asyncio.to_thread(saved.delete, key, conversation_id)
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
