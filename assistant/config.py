@@ -46,6 +46,7 @@ class AsrConfig:
     initial_prompt: str | None = None
     beam_size: int = 1  # 1 = greedy
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # fallback ladder
+    seed: int | None = 0  # the sampling of the temperature fallback: the same audio gives the same text; None = random
     compression_ratio_threshold: float | None = 2.4  # gzip ratio of the text, as in openai/whisper
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
@@ -70,6 +71,7 @@ class AsrConfig:
         _require(self.timeout_s > 0, "asr.timeout_s", self.timeout_s, "a positive number of seconds")
         _require(self.max_retries >= 0, "asr.max_retries", self.max_retries, "an integer >= 0")
         _require(len(self.temperatures) > 0, "asr.temperatures", self.temperatures, "a non-empty list")
+        _require(self.seed is None or 0 <= self.seed < 2**32, "asr.seed", self.seed, "null or an integer in [0, 2**32)")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "asr.device",
@@ -244,6 +246,23 @@ class InputConfig:
 
 
 @dataclass(frozen=True)
+class TurnConfig:
+    """When a spoken turn ends and what starts before it does (``assistant.turn``, ``assistant.session``)."""
+
+    detector: str = "rules"  # a name in registry.TURN_DETECTORS: rules (English, Chinese) | fixed (vad.min_silence_ms)
+    complete_silence_ms: int = 250  # silence that ends a turn the detector judges finished ("What time is it?")
+    incomplete_silence_ms: int = 1200  # ... one it judges unfinished ("I'd like to order a pizza and ...")
+    preemptive: bool = True  # in a pause: transcribe, prefill and start the reply, held until the turn ends
+
+    def __post_init__(self) -> None:
+        _require(self.detector in registry.TURN_DETECTORS, "turn.detector", self.detector,
+                 f"one of {registry.names('turn')}")  # fmt: skip
+        for name in ("complete_silence_ms", "incomplete_silence_ms"):
+            value = getattr(self, name)
+            _require(0 < value <= 10_000, f"turn.{name}", value, "milliseconds in (0, 10000]")
+
+
+@dataclass(frozen=True)
 class TtsConfig:
     """Voice out: how replies are spoken (the ``speaker`` sink, ``POST /v1/audio/speech``). See assistant.tts.Speech."""
 
@@ -347,6 +366,7 @@ class Config:
     tts: TtsConfig = field(default_factory=TtsConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     input: InputConfig = field(default_factory=InputConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 

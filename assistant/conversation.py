@@ -6,6 +6,7 @@ window can be tested with a fake counter and used with any backend.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -125,6 +126,12 @@ class Conversation:
         """Forget every turn; the system prompt and persona stay."""
         self.turns.clear()
         self._first_in_window = 0
+
+    def fork(self) -> Conversation:
+        """A copy to try a turn on (a reply started before the user's turn is over) without touching this one."""
+        forked = copy.copy(self)
+        forked.turns = list(self.turns)
+        return forked
 
     def last_reply(self) -> Message | None:
         return self.turns[-1] if self.turns and self.turns[-1].role == "assistant" else None

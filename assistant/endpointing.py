@@ -54,6 +54,7 @@ class Endpointer:
         self._silence_run = 0
         self._started = False
         self._last_speech_clock = 0.0
+        self._needed_silence = self._end_silence  # this utterance's window (require_silence_ms)
 
     def push(self, samples: np.ndarray) -> Iterator[Event]:
         """Feed captured 16 kHz samples; yields SpeechStarted and Utterance events as they happen."""
@@ -77,6 +78,26 @@ class Endpointer:
             return None
         keep = len(self._speech) - (self._silence_run - self._pad)
         return np.concatenate(self._speech[:keep])
+
+    def require_silence_ms(self, milliseconds: float) -> None:
+        """The silence that ends the utterance in progress, instead of ``vad.min_silence_ms`` (an end-of-turn
+        detector's verdict on what was said); never shorter than the ``speech_pad_ms`` the utterance keeps, so the
+        settled cut stays the utterance. The next utterance starts with the configured window again."""
+        frames = round(milliseconds / 1000 / FRAME_S)
+        self._needed_silence = max(1, self._pad + 1, frames)
+
+    def end_if_silent(self) -> Iterator[Event]:
+        """End the utterance now if its pause is already as long as the window asks (after a shorter window was
+        set by ``require_silence_ms``, without waiting for the next frame)."""
+        if self._started and self._silence_run >= self._needed_silence:
+            yield self._utterance(trailing_silence=self._silence_run)
+            self._reset_utterance()
+            self._preroll.clear()
+
+    @property
+    def silence_ms(self) -> float:
+        """The pause so far after the utterance's last speech frame, in ms (0 while speaking)."""
+        return self._silence_run * FRAME_S * 1000
 
     @property
     def pad_samples(self) -> int:
@@ -112,7 +133,7 @@ class Endpointer:
         if not self._started and self._speech_frames >= self._min_speech:
             self._started = True
             yield SpeechStarted(self._start_frame * FRAME_S)
-        if self._silence_run >= self._end_silence or len(self._speech) >= self._max_frames:
+        if self._silence_run >= self._needed_silence or len(self._speech) >= self._max_frames:
             if self._speech_frames >= self._min_speech:
                 yield self._utterance(trailing_silence=self._silence_run)
             self._reset_utterance()

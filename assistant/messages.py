@@ -227,6 +227,12 @@ class TurnMetrics:
     tokens_per_s: float
     cut: bool = False
     speech_end_to_first_audio_ms: float | None = None
+    # the breakdown (spoken turns): where the time from the end of speech to the first character went
+    endpoint_ms: float | None = None  # end of speech -> the turn ended (the silence the end-of-turn rule asked for)
+    asr_start_ms: float | None = None  # end of speech -> recognition of the final transcript started (may be < 0)
+    asr_ms: float | None = None  # that recognition's own run on the model worker
+    first_token_ms: float | None = None  # the chat model's request -> first token (prefill, mostly)
+    preemptive: bool = False  # the reply was started in the pause and held until the turn ended
 
 
 # --- the voice session's events (assistant.session): typed, in the order they happen ----------------------------
@@ -336,6 +342,17 @@ class ReplyDone:
 
 
 @dataclass(frozen=True)
+class SpeculationDone:
+    """A reply started in a pause, before the turn was known to be over (``turn.preemptive``), has met its fate:
+    ``used`` (the turn ended with those words: its held text streamed at once), ``wasted`` (the turn ended with
+    other words, or the conversation changed meanwhile) or ``cancelled`` (the user went on speaking). It never
+    reaches the history or the transcript events."""
+
+    outcome: Literal["used", "wasted", "cancelled"]
+    ran_ms: float  # from its start to that verdict
+
+
+@dataclass(frozen=True)
 class SessionError:
     """Something that failed without ending the session (a bad request, the speech of one sentence)."""
 
@@ -356,6 +373,7 @@ SessionEvent = (
     | ReplyTextDelta
     | ReplyAudio
     | ReplyDone
+    | SpeculationDone
     | SessionError
 )
 

@@ -40,6 +40,11 @@ SINKS: dict[str, str] = {
     "speaker": "assistant.io.speaker:SpeakerSink",
 }
 
+TURN_DETECTORS: dict[str, str] = {
+    "rules": "assistant.turn:RuleTurnDetector",
+    "fixed": "assistant.turn:FixedTurnDetector",
+}
+
 _KINDS: dict[str, dict[str, str]] = {
     "asr": ASR_BACKENDS,
     "vad": VAD_BACKENDS,
@@ -47,6 +52,7 @@ _KINDS: dict[str, dict[str, str]] = {
     "tts": TTS_BACKENDS,
     "source": SOURCES,
     "sink": SINKS,
+    "turn": TURN_DETECTORS,
 }
 
 

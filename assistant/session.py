@@ -33,10 +33,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -63,6 +63,7 @@ from assistant.messages import (
     ReplyTextDelta,
     SessionError,
     SessionEvent,
+    SpeculationDone,
     SpeechStarted,
     SpeechStopped,
     TranscriptFailed,
@@ -72,6 +73,7 @@ from assistant.messages import (
     Utterance,
 )
 from assistant.tts.base import split_sentences
+from assistant.turn import EAGERNESS_SCALE, TurnDetector, TurnWindows
 
 Emit = Callable[[SessionEvent], Awaitable[None]]
 SYNTHESIS_AHEAD = 2  # sentences of one reply given to the speech worker before the current one is sent
@@ -100,6 +102,9 @@ class Worker(Protocol):
     @property
     def idle(self) -> bool: ...
 
+    @property
+    def pending(self) -> int: ...
+
     def submit(self, job: Callable[[], Any]) -> Future[Any]: ...
 
     async def run(self, job: Callable[[], Any]) -> Any: ...
@@ -120,10 +125,24 @@ class TurnDetection:
     """Server VAD: the session cuts turns itself. Names follow the Realtime API's ``turn_detection``."""
 
     threshold: float = 0.5
-    silence_duration_ms: int = 500
+    silence_duration_ms: int = 500  # the plain window; semantic_vad's detector shortens or lengthens it per turn
     prefix_padding_ms: int = 200
     create_response: bool = True  # answer every turn without waiting for a response.create
     interrupt_response: bool = True  # speech during a reply cancels it (barge-in)
+    # server_vad: every turn ends after silence_duration_ms; semantic_vad: the end-of-turn detector (turn.detector)
+    # judges the words before the pause, and eagerness scales the windows (high: sooner, low: the user may pause)
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"
+    complete_silence_ms: int = 250  # semantic_vad: a turn judged finished (turn.complete_silence_ms)
+    incomplete_silence_ms: int = 1200  # semantic_vad: a turn judged unfinished (turn.incomplete_silence_ms)
+
+    def windows(self) -> TurnWindows | None:
+        """semantic_vad's silence windows at this eagerness; None for server_vad (a fixed window)."""
+        if self.type != "semantic_vad":
+            return None
+        scale = EAGERNESS_SCALE[self.eagerness]
+        return TurnWindows(round(self.complete_silence_ms * scale), round(self.silence_duration_ms * scale),
+                           round(self.incomplete_silence_ms * scale))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -141,19 +160,23 @@ class SessionOptions:
     max_utterance_s: float = 30.0  # server VAD: a turn this long is cut and answered
     min_speech_ms: int = 250
     live: bool = True  # audio arrives as it is spoken (latency from the end of speech; barge-in applies)
+    preemptive: bool = True  # in a pause, the reply starts (held back) before the turn is known to be over
 
     @classmethod
     def from_config(cls, config: Config, *, modalities: tuple[Modality, ...], live: bool = True) -> SessionOptions:
         from assistant.pipeline import normalize_language
 
-        vad = config.vad
+        vad, turn = config.vad, config.turn
         detection = TurnDetection(vad.threshold, vad.min_silence_ms, vad.speech_pad_ms,
-                                  interrupt_response=config.input.barge_in and live)  # fmt: skip
+                                  interrupt_response=config.input.barge_in and live,
+                                  type="server_vad" if turn.detector == "fixed" else "semantic_vad",
+                                  complete_silence_ms=turn.complete_silence_ms,
+                                  incomplete_silence_ms=turn.incomplete_silence_ms)  # fmt: skip
         return cls(turn_detection=detection, language=normalize_language(config.asr.language),
                    transcription_prompt=config.asr.initial_prompt, modalities=modalities, voice=config.tts.voice,
                    speed=config.tts.speed, partial_interval_s=config.input.partial_interval_s,
                    max_turn_audio_s=config.server.max_turn_audio_s, max_utterance_s=config.input.max_utterance_s,
-                   min_speech_ms=vad.min_speech_ms, live=live)  # fmt: skip
+                   min_speech_ms=vad.min_speech_ms, live=live, preemptive=turn.preemptive and live)  # fmt: skip
 
     def vad(self, base: VadConfig) -> VadConfig:
         detection = self.turn_detection or TurnDetection()
@@ -183,6 +206,7 @@ class Services:
     speech_worker: Worker | None = None
     probability: Callable[[], SpeechProbability] | None = None  # a new per-stream VAD; None: no server VAD
     zh_script: ZhScript = "simplified"
+    turn_detector: TurnDetector | None = None  # semantic_vad's judge of the words before a pause; None: fixed windows
 
 
 @dataclass
@@ -218,6 +242,7 @@ class _Partial:
     samples: int  # how much of it was recognised
     task: asyncio.Task[tuple[str, str | None]]  # (text, detected language)
     final: bool = True  # made as the final transcript would be (not with a language borrowed from a partial)
+    ran: list[float] = field(default_factory=list)  # clocks: when the worker started and ended it
 
 
 @dataclass
@@ -228,6 +253,9 @@ class _Turn:
     item_id: str = ""
     speech_end: float = 0.0
     ahead: list[_Partial] = field(default_factory=list)  # recognitions of it started before it ended
+    speculation: _Speculation | None = None  # its reply, started in the pause before it ended
+    ended: float = 0.0  # clock: when the endpointer ended it
+    recognised: list[float] = field(default_factory=list)  # clocks: the recognition of its final transcript ran
     respond: ResponseOptions | None = None
     add: Message | None = None
 
@@ -272,6 +300,9 @@ class VoiceSession:
         self._response_voice: _Voice | None = None  # the speech of the reply in progress
         self.failures = 0
         self._in_turn = False  # the turn loop is working on a turn
+        self._speculation: _Speculation | None = None  # a reply started in the pause of the speech in progress
+        self._segmenting = asyncio.Lock()  # the endpointer is fed (push) or ended early (detector) one at a time
+        self._background: set[asyncio.Future[None]] = set()  # small tasks started from callbacks, kept till done
 
     # --- input ------------------------------------------------------------------------------------------------------
 
@@ -292,10 +323,12 @@ class VoiceSession:
                                  "(server.max_turn_audio_s); commit shorter turns")  # fmt: skip
             return
         self._heard += len(samples)
-        # the VAD model runs in a thread: on the event loop it would delay every other session's events
-        events = await asyncio.to_thread(lambda: list(segmenter.push(samples)))
-        for event in events:
-            await self._segmented(event)
+        async with self._segmenting:
+            # the VAD model runs in a thread: on the event loop it would delay every other session's events
+            events = await asyncio.to_thread(lambda: list(segmenter.push(samples)))
+            for event in events:
+                await self._segmented(event)
+        await self._check_speculation()
         self._speculate()
 
     async def commit(self) -> None:
@@ -321,6 +354,7 @@ class VoiceSession:
         self._buffer, self._buffered = [], 0
         self._endpointer = None  # a fresh endpointer: the speech in progress is forgotten
         self._speech_item = None
+        self._drop_speculation("cancelled")
 
     async def add_message(self, message: Message, *, item_id: str | None = None) -> str:
         """A typed user message (or a reply a client puts in the history); returns its item id."""
@@ -403,6 +437,8 @@ class VoiceSession:
         """Stop everything in progress; the session is finished."""
         self._cancelled_at = self._clock()
         self._cancel.set()
+        if self._speculation is not None:
+            self._speculation.cancel.set()
         if self._partial is not None:
             self._partial.task.cancel()
         if self._turn_loop is not None:
@@ -435,6 +471,7 @@ class VoiceSession:
         """New options (session.update); a changed turn detection takes effect from the next audio."""
         if options.turn_detection != self.options.turn_detection or options.min_speech_ms != self.options.min_speech_ms:
             self._endpointer = None
+            self._drop_speculation("cancelled")
         self.options = options
 
     async def _segmented(self, event: SpeechStarted | Utterance) -> None:
@@ -452,9 +489,14 @@ class VoiceSession:
         self._utterances += 1
         ahead = [job for job in (self._settled, self._partial)
                  if job is not None and job.utterance == self._utterances - 1]  # fmt: skip
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None and speculation.utterance != self._utterances - 1:
+            self._drop(speculation, "wasted")
+            speculation = None
         self._partial = self._settled = None
         await self._emit(SpeechStopped(item_id, event.audio.end_s + self._segment_offset_s))
-        self._turns.put_nowait(_Turn(event.audio, item_id, event.speech_end_clock, ahead))
+        self._turns.put_nowait(_Turn(event.audio, item_id, event.speech_end_clock, ahead, speculation=speculation,
+                                     ended=self._clock()))  # fmt: skip
 
     async def _barge_in(self) -> None:
         """The user speaks over the assistant: the reply stops, and a spoken reply still playing is cut where the
@@ -484,6 +526,8 @@ class VoiceSession:
                 self._utterances, len(settled))  # fmt: skip
             if not known:
                 self._settled = self._ahead(settled)
+                utterance, samples = self._utterances, len(settled)
+                self._settled.task.add_done_callback(lambda task: self._settled_done(task, utterance, samples))
             return
         interval = self.options.partial_interval_s
         speech = endpointer.current_speech()
@@ -502,8 +546,92 @@ class VoiceSession:
         uses the backend's quick pass when it has one (``PartialTranscriber``), and is then never a final."""
         audio, chosen = Audio(samples), language or self.options.language
         quick = partial and isinstance(self._services.transcriber, PartialTranscriber)
-        task = asyncio.ensure_future(self._services.worker.run(lambda: self._recognise(audio, chosen, quick=quick)))
-        return _Partial(self._utterances, len(samples), task, final=chosen == self.options.language and not quick)
+        ran: list[float] = []
+
+        def recognise() -> tuple[str, str | None]:
+            ran.append(self._clock())
+            try:
+                return self._recognise(audio, chosen, quick=quick)
+            finally:
+                ran.append(self._clock())
+
+        task = asyncio.ensure_future(self._services.worker.run(recognise))
+        return _Partial(self._utterances, len(samples), task, final=chosen == self.options.language and not quick,
+                        ran=ran)  # fmt: skip
+
+    # --- the end of the turn, and the reply started before it -------------------------------------------------------
+
+    def _settled_done(self, task: asyncio.Task[tuple[str, str | None]], utterance: int, samples: int) -> None:
+        """The final transcript of a pause is known before the turn is: the end-of-turn detector sets how much
+        more silence ends it (semantic_vad), and the reply starts, held back (``turn.preemptive``)."""
+        if task.cancelled() or task.exception() is not None or not self._still_paused(utterance, samples):
+            return
+        text, language = task.result()
+        endpointer = self._current_endpointer()
+        detection = self.options.turn_detection
+        if not text or endpointer is None or detection is None:
+            return
+        windows = detection.windows()
+        detector = self._services.turn_detector
+        if windows is not None and detector is not None:
+            endpointer.require_silence_ms(windows.silence_ms(detector.end_probability(text, language)))
+        if self._may_speculate():
+            try:
+                self._speculation = _Speculation(self, text, utterance, samples)
+            except AssistantError:  # the worker is full: the turn is answered when it ends, as without preemption
+                self._speculation = None
+        if windows is not None:
+            self._in_background(self._end_if_silent())
+
+    def _still_paused(self, utterance: int, samples: int) -> bool:
+        """The utterance ``utterance`` is still in progress and in the same pause: its settled cut is ``samples``."""
+        endpointer = self._current_endpointer()
+        if utterance != self._utterances or endpointer is None or self._speech_item is None:
+            return False
+        settled = endpointer.settled_speech()
+        return settled is not None and len(settled) == samples
+
+    def _may_speculate(self) -> bool:
+        """A reply may start before the turn ends: asked for, answered automatically, nothing else in progress,
+        and no other work (another session's) waiting for the model worker."""
+        detection, turns = self.options.turn_detection, self.chat.conversation.turns
+        return (self.options.preemptive and detection is not None and detection.create_response
+                and self._speculation is None and not self.replying and not self._in_turn and self._turns.empty()
+                and self._services.worker.pending == 0 and not (turns and turns[-1].role == "user"))  # fmt: skip
+
+    async def _end_if_silent(self) -> None:
+        """After the detector shortened the window: end the turn now if the pause is already that long."""
+        async with self._segmenting:
+            endpointer = self._current_endpointer()
+            if endpointer is None:
+                return
+            for event in list(endpointer.end_if_silent()):
+                await self._segmented(event)
+
+    async def _check_speculation(self) -> None:
+        """The user went on speaking (or the pause changed): the reply started in the pause is dropped."""
+        speculation = self._speculation
+        if (
+            speculation is not None
+            and speculation.utterance == self._utterances
+            and not self._still_paused(speculation.utterance, speculation.samples)
+        ):
+            self._drop_speculation("cancelled")
+
+    def _drop_speculation(self, outcome: Literal["wasted", "cancelled"]) -> None:
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None:
+            self._drop(speculation, outcome)
+
+    def _drop(self, speculation: _Speculation, outcome: Literal["wasted", "cancelled"]) -> None:
+        """Stop a speculative reply within a token; nothing of it was sent or kept."""
+        speculation.cancel.set()
+        self._in_background(self._emit(SpeculationDone(outcome, (self._clock() - speculation.started) * 1000)))
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _partial_done(self, task: asyncio.Task[tuple[str, str | None]], item_id: str) -> None:
         if task.cancelled() or task.exception() is not None or item_id != self._speech_item:
@@ -572,15 +700,23 @@ class VoiceSession:
         audio = turn.audio
         assert audio is not None
         started = turn.speech_end if self.options.live else self._clock()
+        speculation = turn.speculation
         try:
             text = await self._final_transcript(turn)
         except AssistantError as exc:
             self.failures += 1
+            if speculation is not None:
+                self._drop(speculation, "wasted")
             await self._emit(TranscriptFailed(turn.item_id, exc))
             return
         transcribed = self._clock()
         await self._after_response()  # the previous reply ends first (a barge-in cut it already)
         await self._emit(TranscriptFinal(turn.item_id, text, audio.duration_s, (transcribed - started) * 1000))
+        detection = self.options.turn_detection
+        if speculation is not None and not (text and detection is not None and detection.create_response
+                                            and speculation.answers(self, text)):  # fmt: skip
+            self._drop(speculation, "wasted")
+            speculation = None
         if not text:
             return  # noise: no turn
         message = Message("user", text)
@@ -594,9 +730,22 @@ class VoiceSession:
             await self._emit(ItemDeleted(replaced))
             message = merged
         await self._emit(ItemAdded(turn.item_id, self._previous(turn.item_id), message))
-        detection = self.options.turn_detection
         if detection is not None and detection.create_response:  # manual turns wait for response.create
-            await self._start_response(ResponseOptions(), (started, transcribed, audio.duration_s))
+            breakdown = self._breakdown(turn, started)
+            if speculation is not None:
+                await self._emit(SpeculationDone("used", (self._clock() - speculation.started) * 1000))
+            await self._start_response(ResponseOptions(), (started, transcribed, audio.duration_s),
+                                       adopted=speculation, breakdown=breakdown)  # fmt: skip
+
+    def _breakdown(self, turn: _Turn, speech_end: float) -> dict[str, Any]:
+        """Where a spoken turn's time went before its reply (``TurnMetrics``' breakdown fields), in ms from the end
+        of speech: when the turn ended, and the recognition whose text became its final transcript."""
+        fields: dict[str, Any] = {"endpoint_ms": (turn.ended - speech_end) * 1000 if turn.ended else None}
+        ran = turn.recognised
+        if len(ran) == 2:
+            fields["asr_start_ms"] = (ran[0] - speech_end) * 1000
+            fields["asr_ms"] = (ran[1] - ran[0]) * 1000
+        return fields
 
     async def _final_transcript(self, turn: _Turn) -> str:
         audio = turn.audio
@@ -607,12 +756,20 @@ class VoiceSession:
             covers = job.samples == len(audio.samples) or job.samples >= len(audio.samples) - pad - FRAME_SAMPLES
             if covers and job.final:
                 with contextlib.suppress(Exception):
-                    return (await job.task)[0]  # no second recognition
+                    text = (await job.task)[0]  # no second recognition
+                    turn.recognised = job.ran
+                    return text
+        if turn.speculation is not None:  # its words are not the turn's: stop it now, not after a recognition
+            self._drop(turn.speculation, "wasted")
+            turn.speculation = None
         transcriber = self._services.transcriber
         language, script = self.options.language, self._services.zh_script
+        ran = turn.recognised
 
         def transcribe_many(audios: list[Audio]) -> list[str]:
+            ran[:] = [self._clock()]
             results = transcriber.transcribe_many(audios, language=language, timestamps=False)
+            ran.append(self._clock())
             return [apply_zh_script(result, script).text.strip() for result in results]
 
         # utterances of several sessions waiting together are transcribed in one batch (whisper-hf batches them)
@@ -639,18 +796,28 @@ class VoiceSession:
             raise ConversationError("response.create: there is no user message to answer; add one first "
                                     "(conversation.item.create or audio)")  # fmt: skip
 
-    async def _start_response(self, options: ResponseOptions, clocks: tuple[float, float, float]) -> None:
-        """``clocks``: (end of speech or request, transcript ready, seconds of speech) for the turn's metrics."""
+    async def _start_response(
+        self,
+        options: ResponseOptions,
+        clocks: tuple[float, float, float],
+        *,
+        adopted: _Speculation | None = None,
+        breakdown: dict[str, Any] | None = None,
+    ) -> None:
+        """``clocks``: (end of speech or request, transcript ready, seconds of speech) for the turn's metrics;
+        ``adopted``: the reply already started in the pause, whose held text streams out now."""
         self._check_answerable(options)
-        self._cancel = threading.Event()
+        self._cancel = adopted.cancel if adopted is not None else threading.Event()
         self._cancel_reason, self._cancelled_at = "client_cancelled", 0.0
         response_id = new_id("resp")
         item_id = self.items[-1] if options.extend else new_id("item")  # a continued reply keeps its item
         self._response_item = item_id
-        self._response = asyncio.ensure_future(self._reply(response_id, item_id, options, clocks, self._cancel))
+        self._response = asyncio.ensure_future(self._reply(response_id, item_id, options, clocks, self._cancel,
+                                                           adopted, breakdown or {}))  # fmt: skip
 
     async def _reply(self, response_id: str, item_id: str, options: ResponseOptions,
-                     clocks: tuple[float, float, float], cancel: threading.Event) -> None:  # fmt: skip
+                     clocks: tuple[float, float, float], cancel: threading.Event,
+                     adopted: _Speculation | None = None, breakdown: dict[str, Any] | None = None) -> None:  # fmt: skip
         modalities = options.modalities or self.options.modalities
         speech = self._services.speech if "audio" in modalities else None
         await self._emit(ReplyStarted(response_id, item_id, modalities))
@@ -678,8 +845,9 @@ class VoiceSession:
         failure: Exception | None = None
         text = ""
         stream_ended = threading.Event()  # the worker's bridge sets it however the stream ends
+        stream = adopted.deltas() if adopted is not None else self._services.worker.stream(deltas, stream_ended)
         try:
-            async for delta in self._services.worker.stream(deltas, stream_ended):
+            async for delta in stream:
                 first_char = first_char or self._clock()
                 text += delta
                 await self._emit(ReplyTextDelta(response_id, item_id, delta))
@@ -693,6 +861,8 @@ class VoiceSession:
         if failure is None:
             voice.finish()
         await voice.wait()
+        if adopted is not None:
+            holder["reply"] = adopted.commit(self.chat.conversation, failed=failure is not None)
         reply = holder.get("reply")
         stats = reply.stats if reply is not None else ReplyStats(finish_reason="cancelled")
         if failure is not None:
@@ -736,6 +906,9 @@ class VoiceSession:
             tokens_per_s=stats.decode_tokens_per_s,
             cut=cancelled,
             speech_end_to_first_audio_ms=(first_audio - speech_end) * 1000 if first_audio else None,
+            first_token_ms=stats.first_token_s * 1000 if stats.completion_tokens else None,
+            preemptive=adopted is not None,
+            **(breakdown or {}),
         )
         audio_s = voice.spoken.audio_s if voice.spoken is not None else 0.0
         await self._emit(ReplyDone(response_id, item_id, text, status, reason, stats, metrics, audio_s))
@@ -771,6 +944,70 @@ class VoiceSession:
     def _previous(self, item_id: str) -> str | None:
         index = self.items.index(item_id) if item_id in self.items else len(self.items)
         return self.items[index - 1] if index > 0 else None
+
+
+_END = object()
+
+
+class _Speculation:
+    """A reply started in a pause, before the turn is known to be over: on a fork of the conversation with the
+    pause's transcript as the user's message, on the model worker, its deltas held here. When the turn ends with
+    those words and nothing else changed, the reply adopts it (``answers``; the held deltas stream at once and the
+    rest follows live); otherwise it is cancelled within a token and nothing of it is sent or kept. LiveKit agents'
+    preemptive generation, for one local worker."""
+
+    def __init__(self, session: VoiceSession, text: str, utterance: int, samples: int) -> None:
+        chat = session.chat
+        self.text, self.utterance, self.samples = text, utterance, samples
+        self.history = tuple(chat.conversation.turns)
+        self.system, self.sampling = chat.conversation.system, chat.sampling
+        self._fork = ChatSession(chat.model, chat.conversation.fork(), chat.sampling)
+        self._fork.conversation.add_user(text)
+        self.cancel = threading.Event()
+        self.started = session._clock()
+        self._reply: Reply | None = None
+        self._held: asyncio.Queue[object] = asyncio.Queue()
+        stream = session._services.worker.stream(self._generate, threading.Event())  # BusyError when full
+        self._pump = asyncio.ensure_future(self._hold(stream))
+
+    def answers(self, session: VoiceSession, text: str) -> bool:
+        """Whether this reply is the one the turn needs: the same words, history, instructions and sampling."""
+        chat = session.chat
+        return (text == self.text and tuple(chat.conversation.turns) == self.history
+                and chat.conversation.system == self.system and chat.sampling == self.sampling
+                and not self.cancel.is_set())  # fmt: skip
+
+    def _generate(self) -> Iterator[str]:  # on the worker thread
+        self._reply = self._fork.reply(cancel=self.cancel)
+        yield from self._reply
+
+    async def _hold(self, stream: AsyncIterator[str]) -> None:
+        try:
+            async for delta in stream:
+                self._held.put_nowait(delta)
+        except Exception as exc:  # the adopting reply fails with it
+            self._held.put_nowait(exc)
+        finally:
+            self._held.put_nowait(_END)
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The held deltas, then the rest as it is generated."""
+        while (item := await self._held.get()) is not _END:
+            if isinstance(item, Exception):
+                raise item
+            yield str(item)
+
+    def commit(self, conversation: Any, *, failed: bool) -> Reply | None:
+        """Record the adopted reply in the real ``conversation`` (its user message is there already) as the fork
+        recorded it (cut or whole); a failed one takes the user message away again, as ``ChatSession.reply``
+        does."""
+        last = self._fork.conversation.last_reply()
+        if failed or last is None:
+            if conversation.turns and conversation.turns[-1].role == "user":
+                conversation.drop_last_user()
+            return None
+        conversation.add_reply(last.content, cut=last.cut)
+        return self._reply
 
 
 class _Voice:

@@ -129,8 +129,10 @@ class VoiceChat:
     async def _run(self) -> int:
         worker = ModelWorker(WORKER_QUEUE)
         speech_worker = ModelWorker(WORKER_QUEUE) if self._speech is not None else None
+        turn = self._config.turn
         services = Services(self._transcriber, worker, self._speech, speech_worker,
-                            zh_script=self._config.asr.zh_script)  # fmt: skip
+                            zh_script=self._config.asr.zh_script,
+                            turn_detector=registry.create("turn", turn.detector, turn))  # fmt: skip
         modalities = ("audio",) if self._speech is not None else ("text",)
         options = SessionOptions.from_config(self._config, modalities=modalities, live=self.source.live)
         voice = VoiceSession(self.session, services, options, self._on_event, vad=self._config.vad,

@@ -21,6 +21,9 @@ class ServerMetrics:
         registry = self.registry
         self.chat_completions = Counter("assistant_chat_completions", "Chat completions answered over HTTP",
                                         ["stream"], registry=registry)  # fmt: skip
+        self.preemptive_replies = Counter("assistant_preemptive_replies", "Replies started in a pause before the "
+                                          "turn ended (turn.preemptive), by outcome: used, wasted (other words), "
+                                          "cancelled (the user went on)", ["outcome"], registry=registry)  # fmt: skip
         self.transcriptions = Counter("assistant_transcriptions", "Files transcribed over HTTP", registry=registry)
         self.realtime_responses = Counter("assistant_realtime_responses",
                                           "Responses completed over the Realtime WebSocket (spoken or typed turns)",

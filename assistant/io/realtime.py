@@ -52,6 +52,7 @@ from assistant.messages import (
     ReplyTextDelta,
     SessionError,
     SessionEvent,
+    SpeculationDone,
     SpeechStarted,
     SpeechStopped,
     TranscriptFailed,
@@ -59,6 +60,7 @@ from assistant.messages import (
     TranscriptPartial,
 )
 from assistant.session import ResponseOptions, SessionOptions, TurnDetection, VoiceSession
+from assistant.turn import EAGERNESS_SCALE
 
 CLOSE_POLICY = 1008  # WebSocket close code: policy violation (bad origin, no key)
 CLOSE_TRY_LATER = 1013
@@ -73,7 +75,6 @@ IGNORED_SESSION_KEYS = {"object", "id", "expires_at", "include", "tracing", "tru
                         "parallel_tool_calls", "reasoning",
                         "conversation_id", "history_messages"}  # fmt: skip  # the last two: ours, echoed back
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
-EAGERNESS_SILENCE_MS = {"low": 1000, "medium": 600, "auto": 600, "high": 300}  # semantic_vad mapped to silence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,12 +458,7 @@ class RealtimeSession:
                     "format": self._input.describe(), "noise_reduction": None,
                     "transcription": {"model": self._config.asr.model, "language": options.language,
                                       "prompt": options.transcription_prompt},
-                    "turn_detection": None if detection is None else {
-                        "type": "server_vad", "threshold": detection.threshold,
-                        "silence_duration_ms": detection.silence_duration_ms,
-                        "prefix_padding_ms": detection.prefix_padding_ms,
-                        "create_response": detection.create_response,
-                        "interrupt_response": detection.interrupt_response, "idle_timeout_ms": None},
+                    "turn_detection": _describe_detection(detection),
                 },
                 "output": {"format": self._output.describe(), "voice": options.voice, "speed": options.speed},
             },
@@ -547,6 +543,8 @@ class RealtimeSession:
             await self._reply_audio(event)
         elif isinstance(event, ReplyDone):
             await self._reply_done(event)
+        elif isinstance(event, SpeculationDone):  # no Realtime event: the client sees only the reply it gets
+            self._services.metrics.preemptive_replies.labels(outcome=event.outcome).inc()
         elif isinstance(event, SessionError):
             error = event.error
             await self._error(error if isinstance(error, AssistantError) else AssistantError(str(error)),
@@ -901,17 +899,17 @@ class _SessionUpdate:
         if not isinstance(value, dict) or value.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
             raise ConfigError(f"session.update: {where} must be null, {{type: server_vad, ...}} or "
                               "{type: semantic_vad, ...}")  # fmt: skip
-        base = self.options.turn_detection or TurnDetection(**_defaults(self._owner._config))
+        base = self.options.turn_detection or _default_detection(self._owner._config)
         known = {"type", "threshold", "silence_duration_ms", "prefix_padding_ms", "create_response",
                  "interrupt_response", "idle_timeout_ms", "eagerness"}  # fmt: skip
         for key in set(value) - known:
             raise ConfigError(f"session.update: unknown key {where}.{key}")
-        changes: dict[str, Any] = {}
-        if value.get("type") == "semantic_vad":  # no semantic model here: eagerness picks the silence window
-            eagerness = value.get("eagerness", "auto")
-            if eagerness not in EAGERNESS_SILENCE_MS:
-                raise ConfigError(f"session.update: {where}.eagerness must be one of {', '.join(EAGERNESS_SILENCE_MS)}")
-            changes["silence_duration_ms"] = EAGERNESS_SILENCE_MS[eagerness]
+        changes: dict[str, Any] = {"type": value.get("type", "server_vad")}
+        if "eagerness" in value:
+            if value.get("type") != "semantic_vad" or value["eagerness"] not in EAGERNESS_SCALE:
+                raise ConfigError(f"session.update: {where}.eagerness takes {', '.join(EAGERNESS_SCALE)}, with "
+                                  "type semantic_vad")  # fmt: skip
+            changes["eagerness"] = value["eagerness"]
         if "threshold" in value:
             threshold = value["threshold"]
             if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 < threshold < 1:
@@ -938,10 +936,27 @@ class _SessionUpdate:
         self._replace(speed=float(value))
 
 
-def _defaults(config: Any) -> dict[str, Any]:
-    vad = config.vad
-    return {"threshold": vad.threshold, "silence_duration_ms": vad.min_silence_ms,
-            "prefix_padding_ms": vad.speech_pad_ms}  # fmt: skip
+def _default_detection(config: Any) -> TurnDetection:
+    """The configured turn detection, for a session that turns it back on after ``null``."""
+    detection = SessionOptions.from_config(config, modalities=("text",)).turn_detection
+    return dataclasses.replace(detection or TurnDetection(), interrupt_response=True)
+
+
+def _describe_detection(detection: TurnDetection | None) -> dict[str, Any] | None:
+    """``turn_detection`` as the Realtime API reports it: semantic_vad with its eagerness, server_vad with its
+    window (our semantic_vad also says the window it scales, which the API's has not)."""
+    if detection is None:
+        return None
+    described: dict[str, Any] = {"type": detection.type, "threshold": detection.threshold,
+                                 "silence_duration_ms": detection.silence_duration_ms,
+                                 "prefix_padding_ms": detection.prefix_padding_ms,
+                                 "create_response": detection.create_response,
+                                 "interrupt_response": detection.interrupt_response}  # fmt: skip
+    if detection.type == "semantic_vad":
+        described["eagerness"] = detection.eagerness
+    else:
+        described["idle_timeout_ms"] = None
+    return described
 
 
 REFUSED_CLIENT_EVENTS = {

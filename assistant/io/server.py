@@ -253,8 +253,10 @@ class Services:
         def probability() -> Any:
             return registry.create("vad", vad.backend, vad).frame_probability()
 
+        turn = self.config.turn
         return SessionServices(self.transcription.transcriber, self.worker, self.speech, self.speech_worker,
-                               probability, self.config.asr.zh_script)  # fmt: skip
+                               probability, self.config.asr.zh_script,
+                               registry.create("turn", turn.detector, turn))  # fmt: skip
 
 
 def api_keys_of(config: Config) -> tuple[str, ...]:

@@ -1,0 +1,212 @@
+"""Preemptive turns (``assistant.session``, ``assistant.turn``): the reply starts in the pause before the turn is
+known to be over, held back until it is; the silence that ends a turn follows what was said. Driven with scripted
+audio (a tone is speech, zeros are silence), scripted transcribers and a scripted chat model: nothing speculative
+may reach the events, the history or the saved conversation, and a pause that resumes never splits a turn."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytest
+
+from assistant.messages import (
+    Audio,
+    ItemAdded,
+    Message,
+    ReplyDone,
+    ReplyTextDelta,
+    SessionEvent,
+    SpeculationDone,
+    SpeechStopped,
+    Transcript,
+    TranscriptFinal,
+)
+from assistant.session import TurnDetection, VoiceSession
+from assistant.turn import COMPLETE, INCOMPLETE, UNSURE, RuleTurnDetector, TurnWindows
+from tests.conftest import silence, tone
+from tests.test_llm_stream import ScriptedModel
+from tests.test_session import WordsTranscriber, kinds, make
+
+SEMANTIC = TurnDetection(type="semantic_vad", complete_silence_ms=250, incomplete_silence_ms=1200)
+
+
+class SaysTranscriber(WordsTranscriber):
+    """Hears the same words in any audio."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self._text = text
+
+    def transcribe_many(self, audios: Sequence[Audio], *, language: str | None, task: str = "transcribe",
+                        timestamps: bool = True) -> list[Transcript]:  # fmt: skip
+        self.calls.extend(audio.duration_s for audio in audios)
+        return [Transcript(self._text, "en", (), audio.duration_s) for audio in audios]
+
+
+async def feed(session: VoiceSession, samples: np.ndarray) -> None:
+    """Push ``samples`` in 100 ms pieces, letting the event loop run between them."""
+    for start in range(0, len(samples), 1600):
+        await session.push_audio(samples[start : start + 1600])
+        await asyncio.sleep(0)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def slow(model: ScriptedModel, seconds: float = 0.002) -> ScriptedModel:
+    model.on_token = lambda index: time.sleep(seconds)
+    return model
+
+
+def outcomes(events: list[SessionEvent]) -> list[str]:
+    return [event.outcome for event in events if isinstance(event, SpeculationDone)]
+
+
+def test_the_reply_starts_in_the_pause_and_streams_only_once_the_turn_ends() -> None:
+    model = slow(ScriptedModel("Paris is the capital of France."))
+
+    async def scenario() -> tuple[VoiceSession, list[SessionEvent], list[str]]:
+        session, events = make(model)
+        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.3)]))
+        await until(lambda: len(model.prompts) == 1)  # generating, in the pause, before the 500 ms window ended
+        await asyncio.sleep(0.2)  # and held: nothing of it is sent
+        before = kinds(events)
+        await feed(session, silence(0.5))
+        await session.drain()
+        return session, events, before
+
+    session, events, before = asyncio.run(scenario())
+    assert before == ["SpeechStarted"], "a reply started in the pause sends nothing before the turn ends"
+    order = kinds(events)
+    assert order[:5] == ["SpeechStarted", "SpeechStopped", "TranscriptFinal", "ItemAdded", "SpeculationDone"]
+    assert outcomes(events) == ["used"] and len(model.prompts) == 1  # one generation, no second prefill
+    assert "".join(e.delta for e in events if isinstance(e, ReplyTextDelta)) == "Paris is the capital of France."
+    done = events[-1]
+    assert isinstance(done, ReplyDone) and done.status == "completed" and done.metrics is not None
+    assert done.metrics.preemptive and done.metrics.asr_start_ms is not None and done.metrics.asr_start_ms < 0.5e3
+    assert session.chat.conversation.turns == [Message("user", "one two"),
+                                               Message("assistant", "Paris is the capital of France.")]  # fmt: skip
+
+
+def test_a_pause_that_resumes_is_one_turn_and_its_speculation_leaves_no_trace() -> None:
+    model = slow(ScriptedModel("Four words, heard."))
+
+    async def scenario() -> tuple[VoiceSession, list[SessionEvent]]:
+        session, events = make(model)
+        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.3)]))
+        await until(lambda: len(model.prompts) == 1)
+        await feed(session, np.concatenate([tone(1.0), silence(0.8)]))  # the user goes on, then stops
+        await session.drain()
+        return session, events
+
+    session, events = asyncio.run(scenario())
+    finals = [e for e in events if isinstance(e, TranscriptFinal)]
+    assert [e.text for e in finals] == ["one two three four"], "a mid-sentence pause never splits a turn"
+    assert kinds(events).count("SpeechStopped") == 1 and kinds(events).count("ReplyStarted") == 1
+    assert outcomes(events)[0] == "cancelled" and set(outcomes(events)[1:]) <= {"used"}
+    assert "one two<" in model.prompts[0].replace("<|im_end|>", "<")  # the speculation answered the first half
+    added = [e.message for e in events if isinstance(e, ItemAdded)]
+    assert added == [Message("user", "one two three four"), Message("assistant", "Four words, heard.")]
+    assert session.chat.conversation.turns == added
+
+
+def test_a_change_to_the_conversation_in_the_pause_wastes_the_speculation() -> None:
+    model = slow(ScriptedModel("Arr."))
+
+    async def scenario() -> tuple[VoiceSession, list[SessionEvent]]:
+        session, events = make(model)
+        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.3)]))
+        await until(lambda: len(model.prompts) == 1)
+        session.chat.conversation.system = "You are a pirate."  # what session.update instructions does
+        await feed(session, silence(0.5))
+        await session.drain()
+        return session, events
+
+    session, events = asyncio.run(scenario())
+    assert outcomes(events) == ["wasted"] and len(model.prompts) == 2 and "pirate" in model.prompts[1]
+    assert kinds(events).count("ReplyStarted") == 1
+    assert session.chat.conversation.turns == [Message("user", "one two"), Message("assistant", "Arr.")]
+
+
+def test_barge_in_cancels_an_adopted_reply_at_once() -> None:
+    model = slow(ScriptedModel("word " * 400), 0.005)
+
+    async def scenario() -> tuple[VoiceSession, list[SessionEvent]]:
+        session, events = make(model)
+        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.8)]))
+        await until(lambda: any(isinstance(e, ReplyTextDelta) for e in events))
+        await feed(session, np.concatenate([tone(0.6), silence(0.8)]))
+        await session.drain()
+        return session, events
+
+    session, events = asyncio.run(scenario())
+    first = next(e for e in events if isinstance(e, ReplyDone))
+    assert first.status == "cancelled" and first.reason == "turn_detected"
+    assert session.chat.conversation.turns[1].cut and session.chat.conversation.turns[2].role == "user"
+
+
+@pytest.mark.parametrize(("said", "silence_s", "ends"), [
+    ("What time is it?", 0.35, True),  # finished: 250 ms of silence ends it
+    ("I would like to order a pizza and", 0.9, False),  # unfinished: 1200 ms
+    ("I would like to order a pizza and", 1.5, True),
+])  # fmt: skip
+def test_the_silence_that_ends_a_turn_follows_what_was_said(said: str, silence_s: float, ends: bool) -> None:
+    model = ScriptedModel("Noted.")
+
+    async def scenario() -> bool:
+        session, events = make(model, transcriber=SaysTranscriber(said), turn_detection=SEMANTIC)
+        session._services.turn_detector = RuleTurnDetector()
+        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.25)]))
+        await until(lambda: bool(model.prompts) or any(isinstance(e, SpeechStopped) for e in events))
+        await feed(session, silence(silence_s - 0.25))
+        await asyncio.sleep(0.2)
+        ended = any(isinstance(e, SpeechStopped) for e in events)
+        await session.close()
+        return ended
+
+    assert asyncio.run(scenario()) == ends
+
+
+def test_server_vad_keeps_its_fixed_window_whatever_was_said() -> None:
+    async def scenario() -> list[SessionEvent]:
+        session, events = make(ScriptedModel("Noted."), transcriber=SaysTranscriber("What time is it?"))
+        session._services.turn_detector = RuleTurnDetector()
+        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.35)]))
+        await asyncio.sleep(0.3)
+        await session.close()
+        return events
+
+    assert not any(isinstance(e, SpeechStopped) for e in asyncio.run(scenario()))
+
+
+@pytest.mark.parametrize(("text", "verdict"), [
+    ("What is the capital of France?", COMPLETE), ("Tell me a joke.", COMPLETE), ("Where are you from?", COMPLETE),
+    ("Yes I can.", COMPLETE), ("I went to the shop and", INCOMPLETE), ("I went out and.", INCOMPLETE),
+    ("Tell me about", INCOMPLETE), ("Well, um...", INCOMPLETE), ("So the thing is,", INCOMPLETE),
+    ("今天天气怎么样？", COMPLETE), ("我想去北京因为", INCOMPLETE), ("我明天要去，", INCOMPLETE), ("今天天气", UNSURE),
+    ("", UNSURE), ("okay", UNSURE),
+])  # fmt: skip
+def test_rule_detector_reads_english_and_chinese(text: str, verdict: float) -> None:
+    assert RuleTurnDetector().end_probability(text, None) == verdict
+
+
+def test_windows_map_the_verdict_to_silence_and_never_below_or_above_the_plain_window() -> None:
+    windows = TurnWindows(complete_ms=250, base_ms=500, incomplete_ms=1200)
+    assert [windows.silence_ms(p) for p in (COMPLETE, UNSURE, INCOMPLETE)] == [250, 500, 1200]
+    assert TurnWindows(800, 500, 300).silence_ms(COMPLETE) == 500 and TurnWindows(800, 500, 300).silence_ms(0.0) == 500
+    high = dataclasses_replace(SEMANTIC, eagerness="high").windows()
+    assert high is not None and high.complete_ms < 250 and SEMANTIC.windows() == windows
+    assert TurnDetection().windows() is None  # server_vad: fixed
+
+
+def dataclasses_replace(detection: TurnDetection, **changes: object) -> TurnDetection:
+    import dataclasses
+
+    return dataclasses.replace(detection, **changes)  # type: ignore[arg-type]
