@@ -72,7 +72,7 @@ from assistant.messages import (
     TurnMetrics,
     Utterance,
 )
-from assistant.tts.base import split_sentences
+from assistant.tts.base import first_clause, split_sentences
 from assistant.turn import EAGERNESS_SCALE, TurnDetector, TurnWindows
 
 Emit = Callable[[SessionEvent], Awaitable[None]]
@@ -1036,6 +1036,9 @@ class _Voice:
             return
         unsaid = self._text[self._said :]
         sentences, rest = split_sentences(unsaid)
+        opening = first_clause(unsaid) if self._said == 0 and not sentences else None
+        if opening is not None:  # the first audio of a long first sentence: its first clause, spoken now
+            sentences, rest = [opening[0]], opening[1]
         cursor = 0
         for sentence in sentences:
             found = unsaid.find(sentence, cursor)

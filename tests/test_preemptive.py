@@ -210,3 +210,33 @@ def dataclasses_replace(detection: TurnDetection, **changes: object) -> TurnDete
     import dataclasses
 
     return dataclasses.replace(detection, **changes)  # type: ignore[arg-type]
+
+
+def test_the_first_clause_of_a_long_first_sentence_is_spoken_before_the_sentence_ends() -> None:
+    from tests.test_session import FakeSpeech
+
+    speech = FakeSpeech()
+
+    async def scenario() -> list[SessionEvent]:
+        session, events = make(ScriptedModel("The capital of France, as you know, is Paris. It is big."),
+                               speech=speech)  # fmt: skip
+        await session.add_message(Message("user", "Capital of France?"))
+        await session.respond()
+        await session.drain()
+        return events
+
+    events = asyncio.run(scenario())
+    assert speech.sentences == ["The capital of France,", "as you know, is Paris.", "It is big."]
+    done = events[-1]
+    assert isinstance(done, ReplyDone) and done.text == "The capital of France, as you know, is Paris. It is big."
+
+
+@pytest.mark.parametrize(("text", "clause"), [
+    ("The capital of France, which is Paris", "The capital of France,"), ("Well, I", None),
+    ("The number 1,000 is big", None), ("北京是中国的首都，也是", "北京是中国的首都，"), ("好的，", None),
+])  # fmt: skip
+def test_first_clause(text: str, clause: str | None) -> None:
+    from assistant.tts.base import first_clause
+
+    found = first_clause(text)
+    assert (found[0] if found else None) == clause

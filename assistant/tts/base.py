@@ -68,6 +68,22 @@ def split_sentences(text: str) -> tuple[list[str], str]:
     return done, f"{carried} {rest.lstrip()}" if carried else rest
 
 
+CLAUSE_END = re.compile(r"[,;:](?=\s)|[，；：、]")  # "1,000" is no clause end: a Latin mark needs a space after
+MIN_FIRST_CLAUSE = 16  # characters (a Chinese one counts 2): a shorter opening is not worth a voice of its own
+
+
+def first_clause(text: str) -> tuple[str, str] | None:
+    """The opening clause of a reply that has no whole sentence yet, and the rest, when it is long enough to be
+    spoken alone (``MIN_FIRST_CLAUSE``): the first audio of a reply whose first sentence is long need not wait for
+    its end. None when there is no such clause yet. Later text goes sentence by sentence (better prosody; the first
+    clause is playing meanwhile)."""
+    for match in CLAUSE_END.finditer(text):
+        clause = text[: match.end()].strip()
+        if len(clause) + len(CJK.findall(clause)) >= MIN_FIRST_CLAUSE:
+            return clause, text[match.end() :]
+    return None
+
+
 def has_cjk(text: str) -> bool:
     return CJK.search(text) is not None
 
