@@ -681,7 +681,10 @@ class RealtimeSession:
                 else round(metrics.speech_end_to_first_audio_ms),
                 "transcript_ms": round(metrics.speech_end_to_transcript_ms),
                 "tokens": stats.completion_tokens, "tokens_per_s": round(metrics.tokens_per_s, 1),
-                "audio_s": round(done.audio_s, 3),
+                "audio_s": round(done.audio_s, 3), "preemptive": metrics.preemptive,
+                **{key: None if value is None else round(value) for key, value in (
+                    ("endpoint_ms", metrics.endpoint_ms), ("asr_start_ms", metrics.asr_start_ms),
+                    ("asr_ms", metrics.asr_ms), ("first_token_ms", metrics.first_token_ms))},
             }  # fmt: skip
         return response
 
