@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from assistant.asr.base import for_request, language_error
+from assistant.asr.edges import silent_edges_many, silent_edges_one
 from assistant.asr.quality import Verdict, compression_ratio, verdict
 from assistant.config import AsrConfig, Task
 from assistant.errors import AsrError, ConfigError, ModelLoadError
@@ -53,6 +54,8 @@ class FasterWhisperTranscriber:
         where = config.device if device == "cuda" else "cpu"
         self._description = f"faster-whisper {config.model} {compute_type} {where}"
         self._on_cuda = device == "cuda"
+        if config.seed is not None:  # before the model's threads first sample: each seeds its generator then
+            ctranslate2.set_random_seed(config.seed)
         try:
             self._model = WhisperModel(
                 str(location.path) if location.path else config.model,
@@ -77,6 +80,7 @@ class FasterWhisperTranscriber:
     def supports_language(self, language: str) -> bool:
         return language in self._model.supported_languages
 
+    @silent_edges_many
     def transcribe_many(
         self,
         audios: Sequence[Audio],
@@ -225,6 +229,7 @@ class FasterWhisperTranscriber:
         self._model.add_word_timestamps(padded, tokenizer, encoded, frames, PREPEND_PUNCTUATIONS,
                                         APPEND_PUNCTUATIONS, 0.0)  # fmt: skip
 
+    @silent_edges_one
     def transcribe_partial(self, audio: Audio, *, language: str | None) -> Transcript:
         """A quick transcript of a short utterance in progress, for live partials: the encoder runs on the audio's
         own length (rounded up, plus 2 s) instead of Whisper's 30 s window, one greedy pass, no timestamps, no

@@ -8,12 +8,14 @@ boundary bugs). Windows of several pieces are decoded in one batch, long-form in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from assistant.asr.base import for_request, language_error
+from assistant.asr.edges import silent_edges_many
 from assistant.asr.quality import Verdict, compression_ratio, verdict
 from assistant.asr.words import words_of_segment
 from assistant.config import AsrConfig, Task
@@ -92,6 +94,7 @@ class WhisperHFTranscriber:
         start = torch.tensor([decoder_input] * encoded.last_hidden_state.shape[0], device=self._device)
         return self._model(encoder_outputs=encoded, decoder_input_ids=start).logits[:, -1].float()
 
+    @silent_edges_many
     def transcribe_many(
         self,
         audios: Sequence[Audio],
@@ -189,7 +192,9 @@ class WhisperHFTranscriber:
             if words:  # cross-attention times per token
                 options["return_token_timestamps"] = True
             subset = BaseModelOutput(last_hidden_state=encoded.last_hidden_state[pending])
-            output = self._model.generate(encoder_outputs=subset, attention_mask=attention_mask[pending], **options)
+            with self._seeded():
+                output = self._model.generate(encoder_outputs=subset, attention_mask=attention_mask[pending],
+                                              **options)  # fmt: skip
             again = []
             for index, segments in zip(pending, output["segments"], strict=True):
                 decode = self._decode_values(segments, temperature, no_speech[index])
@@ -228,7 +233,8 @@ class WhisperHFTranscriber:
         options = self._generate_options(codes, task, config, config.temperatures)
         if words:  # cross-attention times per token, and the scores for each token's probability
             options.update(return_token_timestamps=True, output_scores=True, return_dict_in_generate=True)
-        output = self._model.generate(**inputs, **options)
+        with self._seeded():
+            output = self._model.generate(**inputs, **options)
         only = config.temperatures[0] if len(config.temperatures) == 1 else None
         return [(segments, _Decode(only, None, None, None)) for segments in output["segments"]]
 
@@ -248,6 +254,22 @@ class WhisperHFTranscriber:
         return Segment(start, end, text, found, language, seek=round(seek_s * FRAMES_PER_S), tokens=tuple(tokens),
                        temperature=decode.temperature, avg_logprob=decode.avg_logprob,
                        compression_ratio=decode.compression_ratio, no_speech_prob=decode.no_speech_prob)  # fmt: skip
+
+    @contextlib.contextmanager
+    def _seeded(self) -> Iterator[None]:
+        """torch's generator seeded with ``asr.seed`` for one ``generate`` call (the fallback samples from it), and
+        given back as it was afterwards, so that the same audio gives the same text on every call and no other
+        user of torch's global generator sees a change. ``asr.seed: null``: left alone."""
+        import torch
+
+        if self._config.seed is None:
+            yield
+            return
+        device = torch.device(self._device)
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+            torch.manual_seed(self._config.seed)
+            yield
 
     def _prompt_ids(self, config: AsrConfig) -> list[int]:
         """``<|startofprev|>`` and the prompt's last ``MAX_PROMPT_TOKENS`` tokens (Whisper's context holds no
