@@ -101,13 +101,6 @@ class TurnWindows:
             return max(self.incomplete_ms, self.base_ms)
         return self.base_ms
 
-    @classmethod
-    def for_eagerness(cls, eagerness: str, base_ms: int, config: TurnConfig) -> TurnWindows:
-        """The Realtime API's ``semantic_vad`` ``eagerness``: high ends turns sooner, low lets the user pause longer.
-        ``auto`` and ``medium`` are the configured windows."""
-        scale = EAGERNESS_SCALE[eagerness]
-        return cls(round(config.complete_silence_ms * scale), round(base_ms * scale),
-                   round(config.incomplete_silence_ms * scale))  # fmt: skip
 
-
-EAGERNESS_SCALE = {"low": 2.0, "medium": 1.0, "auto": 1.0, "high": 0.6}
+# semantic_vad's eagerness scales the windows: high ends turns sooner, low lets the user pause longer
+EAGERNESS_SCALE = {"low": 2.0, "medium": 1.0, "high": 0.6, "auto": 1.0}

@@ -78,6 +78,8 @@ def test_sdk_spoken_turn_at_24khz_with_partials_and_a_spoken_reply(server: str, 
             created = await until(connection, "session.created")
             session = created[-1].session
             assert session.audio.input.format.rate == RATE and session.output_modalities == ["audio"]
+            detection = session.audio.input.turn_detection  # the SDK's own model of semantic_vad
+            assert detection.type == "semantic_vad" and detection.eagerness == "auto"
             await connection.session.update(session={"type": "realtime", "instructions": "Answer in one sentence.",
                                                      "audio": {"output": {"voice": "alloy"}}})  # fmt: skip
             await until(connection, "session.updated")
@@ -188,6 +190,10 @@ def test_client_truncate_retrieve_delete_and_bad_input_get_errors(server: str) -
                 ({"type": "session.update", "session": {"output_modalities": ["text", "video"]}}, "output_modalities"),
                 ({"type": "session.update", "session": {"tools": [{"type": "function", "name": "f"}]}}, "tools"),
                 ({"type": "session.update", "session": {"bogus": 1}}, "unknown key 'bogus'"),
+                ({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+                    "type": "server_vad", "eagerness": "high"}}}}}, "with type semantic_vad"),
+                ({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+                    "type": "semantic_vad", "eagerness": "eager"}}}}}, "takes low, medium, high, auto"),
                 ({"type": "session.update", "session": {"audio": {"input": {"transcription": {"prompt": "Paris"}}}}},
                  "asr.initial_prompt"),
                 ({"type": "session.update", "session": {"audio": {"output": {"voice": "nobody"}}}}, "voice"),
@@ -275,6 +281,7 @@ def test_g711_and_beta_session_shape(server: str, tmp_path: Path) -> None:
                 "temperature": 0.0}}))  # fmt: skip
             session = (await events_until(ws, "session.updated"))[-1]["session"]
             assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+            assert session["audio"]["input"]["turn_detection"]["type"] == "server_vad"  # a fixed window, as asked
             for offset in range(0, len(ulaw), 1600):
                 piece = base64.b64encode(ulaw[offset : offset + 1600]).decode()
                 await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": piece}))
