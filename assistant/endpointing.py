@@ -2,7 +2,8 @@
 
 Speech starts when the probability rises over ``vad.threshold`` and stays speech for ``vad.min_speech_ms`` (shorter
 bursts, clicks and coughs, are dropped and never interrupt a reply). It ends after ``vad.min_silence_ms`` under the
-lower threshold (threshold - 0.15, Silero's own hysteresis), or when it reaches ``input.max_utterance_s``. The
+lower threshold (threshold - 0.15, Silero's own hysteresis), or when it reaches ``input.max_utterance_s``; an
+end-of-turn detector may set another window for the utterance in progress (``require_silence_ms``). The
 utterance keeps ``vad.speech_pad_ms`` of audio before and after. No torch here: the probability comes from the VAD
 backend, so this is tested with a synthetic one.
 """

@@ -13,6 +13,13 @@ What happens here, once for every front end:
   successive hypotheses agree on (LocalAgreement-2, Machacek et al. 2023, "Turning Whisper into Real-Time
   Transcription System"), so it never takes a word back. A partial that already covers all of the speech becomes
   the final transcript, so partials never delay it;
+- the end of the turn (``semantic_vad``): the transcript of the pause's speech is judged by the end-of-turn
+  detector (``assistant.turn``), which sets the silence that ends this turn: short after a finished sentence, long
+  after a trailing "and ...";
+- preemptive replies (``SessionOptions.preemptive``): in the same pause the reply to that transcript starts on a
+  fork of the conversation, held back; when the turn ends with those words it streams at once, and when the user
+  goes on it is cancelled within a token, leaving no trace (``_Speculation``, ``SpeculationDone``). LiveKit agents'
+  preemptive generation; the end-of-turn idea is LiveKit's turn detector and pipecat's smart-turn;
 - the turn: final transcript -> user item -> reply streamed from the chat model;
 - voice out: each sentence of the reply is synthesized (on the speech worker) as soon as its end streams in, and
   sent as ``ReplyAudio`` while later text is still being generated;
