@@ -51,6 +51,17 @@ class PartialTranscriber(Protocol):
     def transcribe_partial(self, audio: Audio, *, language: str | None) -> Transcript: ...
 
 
+@runtime_checkable
+class LiveTranscriber(Protocol):
+    """A backend whose final transcript of a short live utterance costs what the utterance is: a drop-in for
+    ``transcribe_many(audios, language=language, timestamps=False)`` on a live turn's final (same words on the
+    benchmark's questions, each transcript a single untimed segment or none). faster-whisper implements it with an
+    encoder window cut to the utterance; whisper-hf does not (transformers' Whisper encoder requires the whole 3000
+    frames), nor does the remote backend: callers use ``transcribe_many`` for those."""
+
+    def transcribe_live(self, audios: Sequence[Audio], *, language: str | None) -> list[Transcript]: ...
+
+
 def for_request(config: AsrConfig, prompt: str | None, temperatures: tuple[float, ...] | None) -> AsrConfig:
     """The backend's configuration with one request's prompt and temperature ladder over it: one value that the
     backend's decoding steps all read, instead of two more arguments each."""
