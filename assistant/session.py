@@ -47,7 +47,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from assistant.asr.base import PartialTranscriber
+from assistant.asr.base import LiveTranscriber, PartialTranscriber
 from assistant.asr.text import apply_zh_script
 from assistant.audio.level import StreamLevel, normalize
 from assistant.chat import ChatSession
@@ -308,6 +308,7 @@ class VoiceSession:
         self.failures = 0
         self._in_turn = False  # the turn loop is working on a turn
         self._speculation: _Speculation | None = None  # a reply started in the pause of the speech in progress
+        self._speculating: set[_Speculation] = set()  # every one still generating (some wait in queued turns)
         self._segmenting = asyncio.Lock()  # the endpointer is fed (push) or ended early (detector) one at a time
         self._background: set[asyncio.Future[None]] = set()  # small tasks started from callbacks, kept till done
 
@@ -444,8 +445,8 @@ class VoiceSession:
         """Stop everything in progress; the session is finished."""
         self._cancelled_at = self._clock()
         self._cancel.set()
-        if self._speculation is not None:
-            self._speculation.cancel.set()
+        for speculation in self._speculating:
+            speculation.cancel.set()
         if self._partial is not None:
             self._partial.task.cancel()
         if self._turn_loop is not None:
@@ -583,12 +584,18 @@ class VoiceSession:
         if windows is not None and detector is not None:
             endpointer.require_silence_ms(windows.silence_ms(detector.end_probability(text, language)))
         if self._may_speculate():
-            try:
-                self._speculation = _Speculation(self, text, utterance, samples)
-            except AssistantError:  # the worker is full: the turn is answered when it ends, as without preemption
-                self._speculation = None
+            self._speculation = self._speculate_reply(text, utterance, samples)
         if windows is not None:
             self._in_background(self._end_if_silent())
+
+    def _speculate_reply(self, text: str, utterance: int, samples: int) -> _Speculation | None:
+        try:
+            speculation = _Speculation(self, text, utterance, samples)
+        except AssistantError:  # the worker is full: the turn is answered when it ends, as without preemption
+            return None
+        self._speculating.add(speculation)
+        speculation.done.add_done_callback(lambda _: self._speculating.discard(speculation))
+        return speculation
 
     def _still_paused(self, utterance: int, samples: int) -> bool:
         """The utterance ``utterance`` is still in progress and in the same pause: its settled cut is ``samples``."""
@@ -667,8 +674,16 @@ class VoiceSession:
         if quick:
             result = transcriber.transcribe_partial(audio, language=language)
         else:
-            result = transcriber.transcribe_many([audio], language=language, timestamps=False)[0]
+            result = self._finals([audio], language)[0]
         return apply_zh_script(result, self._services.zh_script).text.strip(), result.language
+
+    def _finals(self, audios: list[Audio], language: str | None) -> list[Any]:
+        """Final transcripts of live utterances: at the utterance's own cost where the backend can
+        (``LiveTranscriber``: a short encoder window, the same words), else ``transcribe_many``."""
+        transcriber = self._services.transcriber
+        if isinstance(transcriber, LiveTranscriber):
+            return transcriber.transcribe_live(audios, language=language)
+        return list(transcriber.transcribe_many(audios, language=language, timestamps=False))
 
     # --- the turn loop -----------------------------------------------------------------------------------------------
 
@@ -775,7 +790,7 @@ class VoiceSession:
 
         def transcribe_many(audios: list[Audio]) -> list[str]:
             ran[:] = [self._clock()]
-            results = transcriber.transcribe_many(audios, language=language, timestamps=False)
+            results = self._finals(audios, language)
             ran.append(self._clock())
             return [apply_zh_script(result, script).text.strip() for result in results]
 
@@ -975,7 +990,7 @@ class _Speculation:
         self._reply: Reply | None = None
         self._held: asyncio.Queue[object] = asyncio.Queue()
         stream = session._services.worker.stream(self._generate, threading.Event())  # BusyError when full
-        self._pump = asyncio.ensure_future(self._hold(stream))
+        self.done = asyncio.ensure_future(self._hold(stream))  # when it has stopped generating
 
     def answers(self, session: VoiceSession, text: str) -> bool:
         """Whether this reply is the one the turn needs: the same words, history, instructions and sampling."""
