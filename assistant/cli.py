@@ -45,6 +45,9 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from assistant.io.encoding import tolerant_output
+
+    tolerant_output(sys.stdout, sys.stderr)
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -100,6 +100,12 @@ class CommandError(AssistantError):
     code = "command"
 
 
+class InputEncodingError(AssistantError):
+    """A line of console input whose text encoding cannot be told (it is not UTF-8 nor any encoding detected)."""
+
+    code = "input-encoding"
+
+
 class AudioSourceError(AssistantError):
     """No microphone, or the capture device failed or vanished."""
 

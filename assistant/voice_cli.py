@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from assistant import registry
 from assistant.chat import ChatSession
 from assistant.config import Config
+from assistant.messages import AudioSource, ReplySink
 from assistant.tts.base import Speech
 from assistant.voice import PushToTalk, VoiceChat
 
@@ -20,23 +21,32 @@ def run_voice(config: Config, session: ChatSession, audio: Sequence[str], *, ver
         source = registry.create("source", "file", config.input, audio)
     else:
         source = registry.create("source", "microphone", config.input)
+    try:
+        return _take_turns(config, session, source, sinks, live=not audio)
+    finally:  # every way out (Ctrl-C while a model loads too) frees the source's native resources
+        source.close()
+
+
+def _take_turns(config: Config, session: ChatSession, source: AudioSource, sinks: list[ReplySink], *,
+                live: bool) -> tuple[int, bool]:  # fmt: skip
     transcriber = registry.create("asr", config.asr.backend, config.asr)
     speech = Speech.from_config(config.tts) if "speaker" in config.output.sinks else None  # the reply is spoken
     voice = VoiceChat(source, VoiceChat.build_segmenter(config), transcriber, session, sinks, config=config,
                       speech=speech)  # fmt: skip
     if isinstance(voice.segmenter, PushToTalk):
         _keyboard_toggles(voice.segmenter)
-    if not audio:
+    if live:
         mode = "press Enter to talk, Enter again to send" if config.input.mode == "push-to-talk" else "speak"
         print(f"listening on {getattr(source, 'name', 'the microphone')}: {mode}; Ctrl-C to stop", file=sys.stderr)
     try:
         failures = voice.run()
         for sink in sinks:
             getattr(sink, "wait", lambda: None)()  # let the speaker finish the last reply
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
+    except KeyboardInterrupt:  # leaving is not an error: nothing more is printed
+        if sys.stderr.isatty():
+            print("", file=sys.stderr)  # ends the line the terminal echoed ^C on
         return 0, False
-    if voice.source_error is not None and not audio and sys.stdin.isatty():
+    if voice.source_error is not None and live and sys.stdin.isatty():
         print("the microphone is gone; typing instead", file=sys.stderr)
         return failures, True
     return failures + (voice.source_error is not None), False

@@ -3,6 +3,15 @@ transcript on every run; text in any encoding; a pasted paragraph is one turn; a
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +21,133 @@ from assistant.audio.decode import load_audio
 from assistant.config import AsrConfig, Config, VadConfig
 from assistant.pipeline import TranscriptionPipeline
 from tests.conftest import require_offline_models, speak, write_wav
+from tests.test_voice_cli import virtual_microphone  # noqa: F401 - the fixture, a PulseAudio null sink's monitor
 
 pytestmark = pytest.mark.real_model
 
 BACKENDS = ["faster-whisper", "whisper-hf"]
+CHAT = [sys.executable, "-m", "assistant", "chat", "--model", "smollm2-135m", "--set", "llm.sampling.temperature=0",
+        "--set", "llm.sampling.max_new_tokens=8"]  # fmt: skip
+QUESTION = "北京是哪个国家的首都？"  # smollm2-135m answers it in Chinese
+NOT_TEXT = b"\x1f\x8b\x08\x00\xe2\x9cze\x00\x03"  # a gzip header: no encoding makes text of it
+PASTE_START, PASTE_END = b"\x1b[200~", b"\x1b[201~"  # what a terminal in bracketed paste mode puts around a paste
+PASTE_MODE_ON, PASTE_MODE_OFF = b"\x1b[?2004h", b"\x1b[?2004l"
+
+
+@pytest.fixture(scope="module")
+def smollm() -> None:
+    require_offline_models("smollm2-135m")
+
+
+def user_turns(saved: Path) -> list[str]:
+    messages = json.loads(saved.read_text(encoding="utf-8"))["messages"]
+    return [message["content"] for message in messages if message["role"] == "user"]
+
+
+@pytest.mark.parametrize("console", ["utf-8", "ascii", "gbk"])
+def test_a_gbk_pipe_is_read_and_nothing_printed_ends_the_session(smollm: None, console: str, tmp_path: Path) -> None:
+    """GBK piped in under a UTF-8 locale (detected), or on a GBK console (the locale's); a line that is no text
+    fails its own turn; a reply the console cannot show (Chinese on ASCII) is shown with "?" instead."""
+    saved = tmp_path / "chat.json"
+    stdin = QUESTION.encode("gbk") + b"\n" + NOT_TEXT + b"\n" + b"What is 2+2?\n"
+    env = {**os.environ, "PYTHONIOENCODING": console} if console != "utf-8" else None
+    result = subprocess.run([*CHAT, "--text", "--save", str(saved)], input=stdin, capture_output=True, env=env,
+                            timeout=300)  # fmt: skip
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 1, stderr  # the line that is no text failed; the others were answered
+    assert "Traceback" not in stderr and stderr.count("input-encoding: cannot tell the text encoding") == 1, stderr
+    assert user_turns(saved) == [QUESTION, "What is 2+2?"]
+    assert len(result.stdout.splitlines()) >= 2
+    if console == "ascii":  # the Chinese reply, shown as well as an ASCII console can
+        assert result.stdout.isascii() and b"??" in result.stdout
+
+
+def test_several_lines_typed_with_a_backslash_are_one_message(smollm: None, tmp_path: Path) -> None:
+    saved = tmp_path / "chat.json"
+    result = subprocess.run([*CHAT, "--text", "--save", str(saved)], input=b"one\\\ntwo\\\nthree\nfour\n",
+                            capture_output=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert user_turns(saved) == ["one\ntwo\nthree", "four"]
+
+
+class Terminal:
+    """A pseudo-terminal running a command, playing the terminal: it wraps a paste in the bracketed paste markers
+    only while the program has asked for them (``ESC[?2004h``), as terminals do."""
+
+    def __init__(self, command: list[str]) -> None:
+        import pty
+
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the command on the terminal
+            os.execv(command[0], command)
+        self.output = b""
+        self._seen = 0  # how much of the output read_until has looked at
+
+    def read_until(self, wanted: bytes, seconds: float = 120) -> None:
+        """Read until the terminal shows ``wanted`` at the end of what came since the last call."""
+        deadline = time.monotonic() + seconds
+        while not (len(self.output) > self._seen and self.output.endswith(wanted)):
+            assert time.monotonic() < deadline, f"no {wanted!r} on the terminal: {self.output[-800:]!r}"
+            if select.select([self.fd], [], [], 0.2)[0]:
+                self.output += os.read(self.fd, 4096)
+        self._seen = len(self.output)
+
+    @property
+    def paste_mode(self) -> bool:
+        return self.output.rfind(PASTE_MODE_ON) > self.output.rfind(PASTE_MODE_OFF)
+
+    def paste(self, text: str) -> None:
+        data = text.replace("\n", "\r").encode()  # the terminal sends Enter as CR
+        os.write(self.fd, PASTE_START + data + PASTE_END if self.paste_mode else data)
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def wait(self, seconds: float = 60) -> int:
+        deadline = time.monotonic() + seconds
+        while True:
+            with_status = os.waitpid(self.pid, os.WNOHANG)
+            if with_status[0]:
+                return os.waitstatus_to_exitcode(with_status[1])
+            assert time.monotonic() < deadline, "the chat did not end"
+            if select.select([self.fd], [], [], 0.2)[0]:
+                with contextlib.suppress(OSError):  # the terminal closed
+                    self.output += os.read(self.fd, 4096)
+
+
+def test_a_pasted_paragraph_is_one_turn_at_the_prompt(smollm: None, tmp_path: Path) -> None:
+    saved = tmp_path / "chat.json"
+    terminal = Terminal([*CHAT, "--text", "--save", str(saved)])
+    terminal.read_until(b"> ")
+    terminal.paste("Here is my shopping list:\neggs\nmilk\nbread")
+    terminal.type("\r")  # Enter sends it
+    terminal.read_until(b"> ")
+    terminal.type("and\\\rcheese\r")  # a message typed over two lines
+    terminal.read_until(b"> ")
+    terminal.type("/quit\r")
+    assert terminal.wait() == 0
+    assert user_turns(saved) == ["Here is my shopping list:\neggs\nmilk\nbread", "and\ncheese"]
+    assert not terminal.paste_mode  # the terminal is left as it was
+
+
+def test_leaving_a_microphone_chat_prints_nothing(smollm: None, virtual_microphone: dict[str, str]) -> None:  # noqa: F811
+    """Ctrl-C on a live microphone chat: the resampler and the stream are freed, nothing is printed after it."""
+    require_offline_models("whisper-base")
+    command = [*CHAT, "--set", "input.source=microphone", "--device", "pulse"]
+    process = subprocess.Popen(command, env=virtual_microphone, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any("listening on" in line for line in stderr):
+        assert time.monotonic() < deadline and process.poll() is None, "".join(stderr)
+        time.sleep(0.2)
+    time.sleep(1.0)  # capturing
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0
+    reader.join(timeout=10)
+    assert stderr[-1].startswith("listening on") and len(stderr) == 1, "".join(stderr)
 
 
 def trimmed(path: Path) -> Path:

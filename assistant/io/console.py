@@ -3,6 +3,11 @@
 Interactive: a ``>`` prompt, Ctrl-C during a reply cuts it (the partial reply stays in the history, marked cut), Ctrl-C
 or Ctrl-D at the prompt ends the session. Piped: every input line is one user turn (commands work too) and each reply
 is printed followed by a newline, so ``printf 'hi\\nwhat is 2+2\\n' | assistant chat --text`` is a script.
+
+A message of several lines: pasted at the prompt (bracketed paste: the terminal marks the paste, readline keeps it
+as one line with its line breaks), or typed with a backslash at the end of each line but the last (typed or piped).
+Input in any encoding: lines are read as bytes and decoded by ``assistant.io.encoding``; a line whose encoding
+cannot be told fails its own turn with one line on stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from assistant.chat import ChatSession
 from assistant.config import OutputConfig
 from assistant.conversation import Conversation
 from assistant.errors import AssistantError, CommandError
+from assistant.io.encoding import LineDecoder
 from assistant.llm.base import Reply
 from assistant.messages import Audio, TurnMetrics
 
@@ -33,6 +39,8 @@ HELP = """commands:
 start a message with // to send a line that begins with /"""
 
 DEFAULT_SAVE = "conversation.json"
+PROMPT, MORE_PROMPT = "> ", ". "  # the prompt, and the one for the next line of a message continued by a backslash
+CONTINUES = "\\"  # a line ending in this continues the message on the next line (the backslash is dropped)
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,12 @@ class ConsoleChat:
             self._print(f"{persona.name}: {persona.greeting}\n")
         failures = 0
         while True:
-            line = read_line()
+            try:
+                line = read_line()
+            except AssistantError as exc:  # a line that cannot be read (its encoding): its turn fails, no more
+                failures += 1
+                print(exc, file=self._err, flush=True)
+                continue
             if line is None or line.strip() in ("/quit", "/exit"):
                 return failures
             if not line.strip():
@@ -151,24 +164,73 @@ class ConsoleChat:
 
 
 def run_console(session: ChatSession, options: ConsoleOptions) -> int:
-    read_line = _terminal_line if options.interactive else _piped_line
-    return ConsoleChat(session, options, out=sys.stdout, err=sys.stderr).run(read_line)
+    decoder = LineDecoder(sys.stdin.encoding)
+    read_line = _terminal_reader(decoder) if options.interactive else _piped_reader(decoder)
+    return ConsoleChat(session, options, out=sys.stdout, err=sys.stderr).run(continued(read_line))
 
 
-def _terminal_line() -> str | None:
-    """A line typed at the ``>`` prompt, with line editing and history; None on Ctrl-D or Ctrl-C."""
-    import readline  # noqa: F401 - importing it gives input() editing and history
+def continued(read_line: Callable[[str], str | None]) -> Callable[[], str | None]:
+    """Messages from lines (``read_line(prompt)``): a line ending in a backslash goes on with the next one, so a
+    message of several lines can be typed where a terminal has no bracketed paste (or piped). The end of input
+    inside such a message sends what was read."""
 
+    def read_message() -> str | None:
+        lines: list[str] = []
+        while True:
+            line = read_line(MORE_PROMPT if lines else PROMPT)
+            if line is None:
+                return "\n".join(lines) if lines else None
+            if not line.endswith(CONTINUES):
+                return "\n".join([*lines, line])
+            lines.append(line[: -len(CONTINUES)])
+
+    return read_message
+
+
+def _terminal_reader(decoder: LineDecoder) -> Callable[[str], str | None]:
+    """Lines typed at the prompt, with line editing and history (readline); None on Ctrl-D or Ctrl-C.
+
+    CPython turns readline's bracketed paste off (for its own REPL); it is turned back on, so a pasted paragraph
+    is one line with its line breaks. readline sets the terminal's paste mode only while it reads a line, and only
+    when stdin and stdout are a terminal (else ``input()`` does not use readline), and clears it after each line,
+    on Ctrl-C and at the end. libedit (some macOS builds) has no such mode: there the backslash serves."""
+    import readline
+
+    if "libedit" not in (readline.__doc__ or ""):
+        readline.parse_and_bind("set enable-bracketed-paste on")
+
+    def read(prompt: str) -> str | None:
+        try:
+            line = input(prompt)
+        except UnicodeDecodeError as exc:  # a strict locale codec: the bytes typed are in the error
+            return decoder.decode(bytes(exc.object).rstrip(b"\r\n"))
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return None
+        return _readable(line, decoder)
+
+    return read
+
+
+def _readable(line: str, decoder: LineDecoder) -> str:
+    """``line`` as read by ``input()``; under a UTF-8 C locale bytes that were not UTF-8 came in as lone surrogates
+    (Python's ``surrogateescape``): those bytes are decoded again."""
     try:
-        return input("> ")
-    except (EOFError, KeyboardInterrupt):
-        print()
-        return None
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return decoder.decode(line.encode(sys.stdin.encoding or "utf-8", "surrogateescape"))
+    return line
 
 
-def _piped_line() -> str | None:
-    line = sys.stdin.readline()
-    return line.rstrip("\n") if line else None
+def _piped_reader(decoder: LineDecoder) -> Callable[[str], str | None]:
+    """Lines of piped or redirected stdin, read as bytes and decoded line by line (one GBK line does not end the
+    batch); the prompt is not shown."""
+
+    def read(_prompt: str) -> str | None:
+        raw = sys.stdin.buffer.readline()
+        return decoder.decode(raw.rstrip(b"\r\n")) if raw else None
+
+    return read
 
 
 class ConsoleSink:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,7 +54,8 @@ class MicrophoneSource:
         self._device = find_microphone(config.device)
         self._rate = int(self._device["default_samplerate"])
         self._blocks: queue.Queue[np.ndarray] = queue.Queue(maxsize=QUEUE_BLOCKS)
-        self._resampler = soxr.ResampleStream(self._rate, SAMPLE_RATE, 1, dtype="float32")
+        self._resampler: Any = soxr.ResampleStream(self._rate, SAMPLE_RATE, 1, dtype="float32")  # None once closed
+        self._resampling = threading.Lock()  # close() frees the resampler while the reading thread may use it
         self._closed = False
         try:
             self._stream = sounddevice.InputStream(
@@ -90,10 +92,30 @@ class MicrophoneSource:
                     f"the microphone '{self._device['name']}' stopped delivering audio (unplugged or taken by "
                     "another program?)"
                 ) from None
-            yield self._resampler.resample_chunk(block.astype(np.float32) / 32768.0)
+            resampled = self._resample(block)
+            if resampled is None:
+                return
+            yield resampled
+
+    def _resample(self, block: np.ndarray) -> np.ndarray | None:
+        """One captured block at 16 kHz; None once the source is closed. The reading thread's frames hold only the
+        source, never the resampler itself, so that ``close`` can free it."""
+        with self._resampling:
+            if self._resampler is None:
+                return None
+            return np.asarray(self._resampler.resample_chunk(block.astype(np.float32) / 32768.0))
 
     def close(self) -> None:
+        """Stop capturing and free the native resampler now, whatever thread still reads (safe to call again).
+
+        A soxr object still alive when the interpreter exits (the reading thread, a daemon, was waiting for a block)
+        made nanobind print some twenty lines of "nanobind: leaked instance ..." after Ctrl-C, which read like a
+        crash. The waiting reader is woken with an empty block and returns."""
         self._closed = True
         with contextlib.suppress(Exception):  # a vanished device may fail to close; nothing is left to free
             self._stream.abort()
             self._stream.close()
+        with self._resampling:
+            self._resampler = None
+        with contextlib.suppress(queue.Full):
+            self._blocks.put_nowait(np.zeros(0, dtype=np.int16))
