@@ -168,6 +168,8 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "hello": trimmed(speak("Hello, what is the weather like today?", folder / "hello.wav", voice="en")),
         "cats": trimmed(speak("Yes. Tell me a joke about cats.", folder / "cats.wav", voice="en",
                               words_per_minute=190)),
+        "hello-fast": trimmed(speak("Hello, what is the weather like today?", folder / "hello-fast.wav", voice="en",
+                                    words_per_minute=190)),  # the live path heard "the low, what is ..."
     }  # fmt: skip
 
 
@@ -183,6 +185,16 @@ def test_speech_from_the_first_sample_keeps_its_first_word(clips: dict[str, Path
     assert texts[0].lower().startswith("hello"), texts
     assert texts[1:] == texts[:2]
     assert transcribe(clips["cats"], backend).lower().startswith("yes"), backend
+
+
+def test_a_live_utterance_from_its_first_sample_keeps_its_first_word(clips: dict[str, Path]) -> None:
+    """The voice paths' finals (microphone, push-to-talk, WebSocket commits) on faster-whisper's live window."""
+    from assistant.asr.faster_whisper import FasterWhisperTranscriber
+
+    transcriber = FasterWhisperTranscriber(AsrConfig(language="en"))
+    utterance = load_audio(clips["hello-fast"])
+    assert transcriber.transcribe_live([utterance], language="en")[0].text.lower().startswith("hello")
+    assert transcriber.transcribe_many([utterance], language="en")[0].text.lower().startswith("hello")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,6 +11,7 @@ import pytest
 
 from assistant.asr import faster_whisper
 from assistant.asr.base import LiveTranscriber
+from assistant.asr.edges import Edges
 from assistant.asr.faster_whisper import FasterWhisperTranscriber, live_frames
 from assistant.audio.decode import load_audio
 from assistant.config import AsrConfig, load_config
@@ -151,7 +152,8 @@ def test_a_window_failing_the_thresholds_is_redone_on_the_30_s_window(transcribe
     monkeypatch.setattr(transcriber, "_decode", decode)
     spy = _Spy(transcriber, monkeypatch)
     result = transcriber.transcribe_live([questions[1]], language="en")[0]
-    mel_frames = transcriber._model.feature_extractor(questions[1].samples)[..., :-1].shape[-1]
+    padded = Edges.around(questions[1]).pad(questions[1])  # the silence every window gets (assistant.asr.edges)
+    mel_frames = transcriber._model.feature_extractor(padded.samples)[..., :-1].shape[-1]
     assert decoded[0] == live_frames(mel_frames) // 2  # the short window first
     assert decoded[1:] and all(positions == 1500 for positions in decoded[1:])  # then only 30 s windows
     assert len(spy.returned) == 1 and result is spy.returned[0][0]

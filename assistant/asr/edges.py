@@ -7,7 +7,8 @@ trimmed to its first sample comes back from whisper-base as "What is the weather
 ...". 50 ms of silence in front already brings the word back on the clips we measured (tests/test_console_use.py);
 ``LEAD_S`` keeps a margin. Whisper's own zero padding of the mel does not help: it pads only after the audio.
 
-Both local backends decorate their entry points (``transcribe_many``, ``transcribe_partial``) with these, so every
+Both local backends decorate their entry points (``transcribe_many``, ``transcribe_partial``, and faster-whisper's
+live window decode that ``transcribe_live`` routes short utterances to) with these, so every
 path (files, ``chat --audio``, the microphone, push-to-talk, HTTP uploads, WebSocket commits) gets the silence in
 one place, and the times they return are shifted back onto the caller's audio (clamped to its bounds).
 """
@@ -29,6 +30,7 @@ WINDOW_S = 30.0  # Whisper's window: audio that fits stays within it once padded
 
 P = ParamSpec("P")
 S = TypeVar("S")
+R = TypeVar("R", Transcript, Transcript | None)  # a window's transcript, or None where a backend has none yet
 
 
 @dataclass(frozen=True)
@@ -74,15 +76,16 @@ class Edges:
 
 
 def silent_edges_many(
-    method: Callable[Concatenate[S, Sequence[Audio], P], list[Transcript]],
-) -> Callable[Concatenate[S, Sequence[Audio], P], list[Transcript]]:
-    """``transcribe_many`` with each window padded (``Edges.around``) and its transcript's times shifted back."""
+    method: Callable[Concatenate[S, Sequence[Audio], P], list[R]],
+) -> Callable[Concatenate[S, Sequence[Audio], P], list[R]]:
+    """``transcribe_many`` (or a backend's own decode of several windows) with each window padded
+    (``Edges.around``) and its transcript's times shifted back; a None result stays None."""
 
     @functools.wraps(method)
-    def padded(self: S, audios: Sequence[Audio], /, *args: P.args, **kwargs: P.kwargs) -> list[Transcript]:
+    def padded(self: S, audios: Sequence[Audio], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
         edges = [Edges.around(audio) for audio in audios]
         results = method(self, [edge.pad(audio) for edge, audio in zip(edges, audios, strict=True)], *args, **kwargs)
-        return [edge.unpad(result) for edge, result in zip(edges, results, strict=True)]
+        return [result if result is None else edge.unpad(result) for edge, result in zip(edges, results, strict=True)]
 
     return padded
 

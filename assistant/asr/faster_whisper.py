@@ -287,6 +287,7 @@ class FasterWhisperTranscriber:
                 results[index] = transcript
         return [result for result in results if result is not None]
 
+    @silent_edges_many  # transcribe_live's own decode; its 30 s fallback is transcribe_many, padded there
     def _windowed(self, audios: Sequence[Audio], language: str | None) -> list[Transcript | None]:
         """``_batched`` on a shortened window, without timestamps: each utterance's transcript, or None where the
         decode failed the quality checks (or left a rest undecoded) and the 30 s window must redo it."""
