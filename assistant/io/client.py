@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from assistant.audio import tool_path
-from assistant.errors import AudioDecodeError, AudioSourceError
+from assistant.errors import AssistantError, AudioDecodeError, AudioSourceError
 
 CHUNK_BYTES = 3200  # 100 ms of PCM16 at 16 kHz
 IDLE_S = 3.0  # after the input ends: leave once every turn is answered and the server has been quiet this long
@@ -76,8 +76,18 @@ class RealtimeClient:
                 print(f"{event['error']['code']}: {event['error']['message']}", file=sys.stderr, flush=True)
 
     async def text_turns(self) -> None:
+        """Each stdin line a turn, in any encoding (``assistant.io.encoding``); a line that is no text fails alone."""
+        from assistant.io.encoding import LineDecoder
+
         loop = asyncio.get_running_loop()
-        while line := await loop.run_in_executor(None, sys.stdin.readline):
+        decoder = LineDecoder(sys.stdin.encoding)
+        while raw := await loop.run_in_executor(None, sys.stdin.buffer.readline):
+            try:
+                line = decoder.decode(raw.rstrip(b"\r\n"))
+            except AssistantError as exc:
+                self.errors += 1
+                print(exc, file=sys.stderr, flush=True)
+                continue
             if not line.strip():
                 continue
             self.pending += 1

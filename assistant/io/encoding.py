@@ -42,7 +42,7 @@ class LineDecoder:
         if text is None:
             raise InputEncodingError(
                 f"cannot tell the text encoding of the line {printable_bytes(raw)} (it is not UTF-8); send UTF-8, "
-                "or name the encoding: PYTHONIOENCODING=gbk assistant chat ..."
+                "or name its encoding before the command: PYTHONIOENCODING=gbk assistant ..."
             )
         self._known.append(encoding)
         return text
