@@ -45,6 +45,7 @@ from assistant.worker import ModelWorker
 
 _END = object()  # the ears are done
 WORKER_QUEUE = 64  # model jobs one console session may have waiting (files played fast queue their turns)
+WORKER_STOP_S = 10.0  # at the end, the longest wait for the model jobs still running (a cancelled reply: a token)
 
 
 class PushToTalk:
@@ -167,6 +168,9 @@ class VoiceChat:
             worker.close()
             if speech_worker is not None:
                 speech_worker.close()
+            for running in (worker, speech_worker):  # the models are closed next: nothing may still run on them
+                if running is not None:
+                    running.join(WORKER_STOP_S)
         return voice.failures + source_failures
 
     # --- the ears ----------------------------------------------------------------------------------------------------

@@ -143,6 +143,13 @@ class ModelWorker:
         self._jobs.put(None)
         self._ready.release()
 
+    def join(self, timeout_s: float) -> bool:
+        """After ``close``: wait (at most ``timeout_s``) for the thread to end, the job running and those queued
+        done; whether it ended. A model must not be freed under a job still running on it: llama.cpp's context
+        freed during a decode (Ctrl-C in a spoken reply, then the model closed) crashed the process."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
     def _run(self) -> None:
         while (entry := self._next()) is not None:
             job, future = entry

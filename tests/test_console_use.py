@@ -203,3 +203,21 @@ def test_the_sampled_fallback_gives_the_same_text_every_run(clips: dict[str, Pat
     texts = [transcribe(clips["cats"], backend, temperatures=(1.0,)) for _ in range(3)]
     assert texts[0] and texts[1:] == texts[:2], texts
     assert texts[0].lower().startswith("ye"), texts  # "Yes" or "Yea": sampled
+
+
+def test_ctrl_c_in_a_spoken_reply_ends_the_chat_quietly(smollm: None, clips: dict[str, Path]) -> None:
+    """Ctrl-C while the reply is decoded on the model worker: the model is closed only once that decode has stopped
+    (llama.cpp's context freed under a running decode crashed the process, about one time in two), and nothing is
+    printed. Three tries, Ctrl-C as the reply starts to stream."""
+    require_offline_models("whisper-base")
+    command = [*CHAT, "--set", "llm.sampling.max_new_tokens=400", "--audio", str(clips["hello"])]
+    for _ in range(3):
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None
+        shown, deadline = b"", time.monotonic() + 120
+        while len(shown.partition(b"assistant: ")[2]) < 8:  # a few characters of the reply
+            assert time.monotonic() < deadline and process.poll() is None, shown
+            shown += os.read(process.stdout.fileno(), 64)
+        process.send_signal(signal.SIGINT)
+        _rest, stderr = process.communicate(timeout=60)
+        assert (process.returncode, stderr) == (0, b"")
