@@ -193,10 +193,13 @@ def _terminal_reader(decoder: LineDecoder) -> Callable[[str], str | None]:
     CPython turns readline's bracketed paste off (for its own REPL); it is turned back on, so a pasted paragraph
     is one line with its line breaks. readline sets the terminal's paste mode only while it reads a line, and only
     when stdin and stdout are a terminal (else ``input()`` does not use readline), and clears it after each line,
-    on Ctrl-C and at the end. libedit (some macOS builds) has no such mode: there the backslash serves."""
-    import readline
-
-    if "libedit" not in (readline.__doc__ or ""):
+    on Ctrl-C and at the end. libedit (some macOS builds) has no such mode, and Windows has no readline (its console
+    keeps a paste's lines apart too): there the backslash serves."""
+    try:
+        import readline
+    except ImportError:  # Windows: input() edits lines itself
+        readline = None
+    if readline is not None and "libedit" not in (readline.__doc__ or ""):
         readline.parse_and_bind("set enable-bracketed-paste on")
 
     def read(prompt: str) -> str | None:
