@@ -84,6 +84,8 @@ from assistant.turn import EAGERNESS_SCALE, TurnDetector, TurnWindows
 
 Emit = Callable[[SessionEvent], Awaitable[None]]
 SYNTHESIS_AHEAD = 2  # sentences of one reply given to the speech worker before the current one is sent
+RESUME_S = 1.5  # speech this soon after a turn ended, before its reply was heard, continues that turn
+HEARD_S = 0.15  # ... "heard": this much of the reply's audio played
 
 
 def _word_key(word: str) -> str:
@@ -311,6 +313,8 @@ class VoiceSession:
         self._speculating: set[_Speculation] = set()  # every one still generating (some wait in queued turns)
         self._segmenting = asyncio.Lock()  # the endpointer is fed (push) or ended early (detector) one at a time
         self._background: set[asyncio.Future[None]] = set()  # small tasks started from callbacks, kept till done
+        self._answered: tuple[str, float] | None = None  # the last spoken turn answered: (user item, its end clock)
+        self._resumes: dict[str, str] = {}  # speech item -> the user item it continues (a turn ended too soon)
 
     # --- input ------------------------------------------------------------------------------------------------------
 
@@ -508,13 +512,39 @@ class VoiceSession:
 
     async def _barge_in(self) -> None:
         """The user speaks over the assistant: the reply stops, and a spoken reply still playing is cut where the
-        user started."""
+        user started. Speech that comes back right after a turn ended, before anything of its reply was heard, is
+        the same turn going on (a hesitation the end of turn took for the end): it joins that turn (``_resumed``)."""
+        resumed = self._resumable()
+        if resumed is not None and self._speech_item is not None:
+            self._resumes[self._speech_item] = resumed
         if self.cancel("turn_detected"):
             return  # the reply's end truncates it
         last = self.items[-1] if self.items else None
         spoken = self._spoken.get(last) if last else None
         if last is not None and spoken is not None and spoken.heard_s(self._clock()) < spoken.audio_s - 0.05:
             await self._truncate(last, spoken.heard_s(self._clock()))
+
+    def _resumable(self) -> str | None:
+        """The user item of the last spoken turn, when it ended less than ``RESUME_S`` ago and no more than
+        ``HEARD_S`` of its reply's audio has played (a text reply: only the time counts)."""
+        if self._answered is None or self._clock() - self._answered[1] > RESUME_S:
+            return None
+        voice = self._response_voice
+        spoken = voice.spoken if voice is not None else self._spoken.get(self.items[-1]) if self.items else None
+        if spoken is not None and spoken.heard_s(self._clock()) > HEARD_S:
+            return None
+        return self._answered[0]
+
+    async def _resumed(self, fragment: str) -> bool:
+        """Undo the reply to ``fragment`` (the user item a resumed speech continues) so the speech joins it: the
+        reply, cut before it was heard, leaves the history. False when the history has moved on since."""
+        items, turns = self.items, self.chat.conversation.turns
+        if len(items) >= 2 and items[-2] == fragment and turns[-1].role == "assistant":
+            reply = items.pop()
+            self.chat.conversation.remove(len(turns) - 1)
+            self._spoken.pop(reply, None)
+            await self._emit(ItemDeleted(reply))
+        return bool(items) and items[-1] == fragment and turns[-1].role == "user"
 
     # --- partial transcripts -----------------------------------------------------------------------------------------
 
@@ -742,17 +772,20 @@ class VoiceSession:
         if not text:
             return  # noise: no turn
         message = Message("user", text)
+        fragment = self._resumes.pop(turn.item_id, None)
+        joiner = " " if fragment is not None and await self._resumed(fragment) else "\n"
         try:
             self._append(message, turn.item_id)
-        except ConversationError:  # a typed message is still unanswered: this speech joins it, under the new id
+        except ConversationError:  # unanswered (typed, or a resumed turn): this speech joins it, under the new id
             index = len(self.chat.conversation.turns) - 1
-            merged = Message("user", f"{self.chat.conversation.turns[index].content}\n{text}")
+            merged = Message("user", f"{self.chat.conversation.turns[index].content}{joiner}{text}")
             self.chat.conversation.replace(index, merged)
             replaced, self.items[index] = self.items[index], turn.item_id
             await self._emit(ItemDeleted(replaced))
             message = merged
         await self._emit(ItemAdded(turn.item_id, self._previous(turn.item_id), message))
         if detection is not None and detection.create_response:  # manual turns wait for response.create
+            self._answered = (turn.item_id, turn.ended or self._clock())
             breakdown = self._breakdown(turn, started)
             if speculation is not None:
                 await self._emit(SpeculationDone("used", (self._clock() - speculation.started) * 1000))

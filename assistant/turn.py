@@ -49,8 +49,8 @@ _FINISHED = (".", "?", "!", "。", "？", "！", '"', "”", ")", "）")
 
 class RuleTurnDetector:
     """English and Chinese rules: a turn ending in a conjunction, preposition, article, filler, comma or ellipsis
-    goes on; one ending in ``. ? !`` (Whisper punctuates what it hears as finished) is over; anything else is
-    unsure."""
+    goes on; one ending in ``. ? !`` (Whisper punctuates what it hears as finished) is over; English with no mark
+    at its end goes on; Chinese with none is unsure."""
 
     def __init__(self, config: TurnConfig | None = None) -> None:
         del config  # nothing to set: the rules are fixed
@@ -68,7 +68,11 @@ class RuleTurnDetector:
             return INCOMPLETE
         if _has_cjk(body[-1:]) and body.endswith(_ZH_CONTINUES):
             return INCOMPLETE
-        return COMPLETE if stripped.endswith(_FINISHED) else UNSURE
+        if stripped.endswith(_FINISHED):
+            return COMPLETE
+        # Whisper closes an English sentence it heard finish with a mark; without one, the speaker is mid-clause.
+        # Chinese transcripts often have no marks at all: there the rules cannot tell.
+        return UNSURE if _has_cjk(body[-1:]) or not last else INCOMPLETE
 
 
 class FixedTurnDetector:

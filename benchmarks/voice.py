@@ -52,7 +52,8 @@ TRAILING_SILENCE_S = 4.5  # after each question: the reply finishes before the n
 LEAD_S = 0.3
 WS_RATE = 24_000  # Hz: the Realtime API's audio/pcm
 CHUNK_S = 0.1
-OVERRIDES = ["input.barge_in=false", "llm.sampling.temperature=0", "llm.sampling.max_new_tokens=64"]
+OVERRIDES = ["llm.sampling.temperature=0", "llm.sampling.max_new_tokens=64"]
+CONSOLE_OVERRIDES = ["input.realtime=true", "input.barge_in=false"]  # files follow each other: no barge-in
 
 
 def make_questions(count: int, folder: Path) -> list[tuple[Path, float, str]]:
@@ -130,14 +131,14 @@ def console_path(config, files: list[tuple[Path, float, str]]) -> tuple[list[dic
     return rows, [t for t, _ in collector.turns], rate
 
 
-PAUSED = [  # (before the pause, pause s, after it): hesitations a turn must survive (none may split it)
-    ("I would like to know,", 0.7, "what the capital of France is."),
+PAUSED = [  # (before the pause, pause s, after it): hesitations mid-sentence, which must not end the turn
+    ("I would like to know", 0.7, "what the capital of France is."),
     ("Can you tell me the time in Tokyo and", 0.8, "the weather there?"),
     ("I have a question about", 0.7, "the planets in our solar system."),
-    ("What is the biggest city in China,", 0.7, "and how many people live there?"),
+    ("What is the biggest city in China and", 0.7, "how many people live there?"),
     ("Tell me something about the moon because", 0.8, "I am curious."),
     ("Please name three fruits that are red, um,", 0.8, "like apples."),
-    ("How do I make a cup of tea,", 0.6, "step by step?"),
+    ("How do I make a cup of tea with", 0.6, "milk and sugar?"),
     ("My favourite animal is the", 0.7, "elephant. What is yours?"),
 ]
 MODES = {  # name -> server overrides
@@ -148,19 +149,26 @@ MODES = {  # name -> server overrides
 
 
 def make_paused(count: int, folder: Path) -> list[tuple[Path, float, str]]:
-    """(wav at 16 kHz, seconds from its start to the end of speech, the words) per hesitating question."""
+    """(wav at 16 kHz, seconds from its start to the end of speech, the words) per hesitating question: its two
+    parts spoken apart, with exactly the pause between them (espeak-ng's own silence at their edges trimmed)."""
+    import soundfile
+
     made = []
     for index, (before, pause_s, after) in enumerate(PAUSED[:count]):
-        parts = []
+        pieces, rate = [], 0
         for part, text in (("a", before), ("b", after)):
             raw = folder / f"p{index}{part}.raw.wav"
             subprocess.run(["espeak-ng", "-v", "en-us", "-s", "130", "-w", str(raw), text], check=True)
-            parts.append(raw)
+            samples, rate = soundfile.read(str(raw), dtype="float32")
+            loud = np.flatnonzero(np.abs(samples) > 0.01)
+            pieces.append(samples[loud[0] : loud[-1] + 1])
+        gap = np.zeros(int(pause_s * rate), np.float32)
+        joined = folder / f"p{index}.joined.wav"
+        soundfile.write(str(joined), np.concatenate([pieces[0], gap, pieces[1]]), rate)
         path = folder / f"p{index}.wav"
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(parts[0]), "-i", str(parts[1]),
-                        "-filter_complex", f"[0]adelay={int(LEAD_S * 1000)},apad=pad_dur={pause_s}[a];"
-                        f"[a][1]concat=n=2:v=0:a=1[s];[s]apad=pad_dur={TRAILING_SILENCE_S},aresample=16000",
-                        "-ac", "1", str(path)], check=True)  # fmt: skip
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(joined), "-af",
+                        f"adelay={int(LEAD_S * 1000)},apad=pad_dur={TRAILING_SILENCE_S}", "-ar", "16000", "-ac", "1",
+                        str(path)], check=True)  # fmt: skip
         made.append((path, speech_end_s(path), f"{before} {after}"))
     return made
 
@@ -224,7 +232,7 @@ async def _websocket_turns(url: str, files: list[tuple[Path, float, str]]) -> tu
                                   "-f", "s16le", "-"], capture_output=True, check=True).stdout  # fmt: skip
             times: dict[str, float] = {}
             sending = asyncio.create_task(_send_paced(ws, pcm, int(speech_end_s * WS_RATE) * 2, times))
-            turns, transcripts, metrics, open_responses = 0, [], {}, 0
+            turns, transcripts, metrics, open_responses, completed, asked = 0, [], {}, 0, 0, ""
             async with asyncio.timeout(120):
                 while not (sending.done() and "done" in times and not open_responses):
                     try:
@@ -239,6 +247,9 @@ async def _websocket_turns(url: str, files: list[tuple[Path, float, str]]) -> tu
                     elif kind == "conversation.item.input_audio_transcription.completed":
                         transcripts.append(event["transcript"])
                         times["transcript"] = now
+                    elif kind == "conversation.item.done" and event["item"].get("role") == "user":
+                        content = event["item"]["content"][0]
+                        asked = content.get("transcript") or content.get("text") or ""  # the turn as it stands
                     elif kind == "response.created":
                         open_responses += 1
                     elif kind == "response.output_audio_transcript.delta":
@@ -250,16 +261,20 @@ async def _websocket_turns(url: str, files: list[tuple[Path, float, str]]) -> tu
                     elif kind == "response.done":
                         open_responses -= 1
                         times["done"] = now
+                        completed += event["response"]["status"] in ("completed", "incomplete")
                         metrics = event["response"].get("metrics") or {}
             await sending
             end = times["speech_end"]
             row = {
                 key: (times.get(f"{key}{turns}", float("nan")) - end) * 1000 for key in ("first_char", "first_audio")
             }
-            row |= {"transcript": (times.get("transcript", float("nan")) - end) * 1000, "split": turns > 1,
-                    "wer": word_error_rate(" ".join(transcripts), words), "server": metrics}  # fmt: skip
-            print(f"  {path.name}: {turns} turn(s), first char {row['first_char']:.0f} ms, first audio "
-                  f"{row['first_audio']:.0f} ms, preemptive {metrics.get('preemptive')}", file=sys.stderr,
+            # split: the question got more than one finished answer (a reply to a fragment that was not taken
+            # back); the WER is that of the user message the last answer answered, the words joined or not
+            row |= {"transcript": (times.get("transcript", float("nan")) - end) * 1000, "split": completed != 1,
+                    "wer": word_error_rate(asked, words), "server": metrics}  # fmt: skip
+            print(f"  {path.name}: {turns} utterance(s), {completed} answer(s), first char {row['first_char']:.0f} "
+                  f"ms, first audio {row['first_audio']:.0f} ms, preemptive {metrics.get('preemptive')}, asked "
+                  f"{asked!r}" + (f", heard as {transcripts}" if turns > 1 else ""), file=sys.stderr,
                   flush=True)  # fmt: skip
             rows.append(row)
     return rows, partials / sum(end - LEAD_S for _, end, _ in files)
@@ -311,7 +326,7 @@ def main() -> int:
 
     from assistant.config import load_config
 
-    config = load_config(args.config, ["input.realtime=true", *OVERRIDES])
+    config = load_config(args.config, [*CONSOLE_OVERRIDES, *OVERRIDES])
     modes = list(MODES) if args.modes == "all" else [list(MODES)[int(n) - 1] for n in args.modes.split(",")]
     results: dict[str, list[dict[str, Any]]] = {}
     partial_rates: dict[str, float] = {}

@@ -136,12 +136,13 @@ def test_a_change_to_the_conversation_in_the_pause_wastes_the_speculation() -> N
 
 
 def test_barge_in_cancels_an_adopted_reply_at_once() -> None:
-    model = slow(ScriptedModel("word " * 400), 0.005)
+    model = slow(ScriptedModel("word " * 400), 0.05)
 
     async def scenario() -> tuple[VoiceSession, list[SessionEvent]]:
         session, events = make(model)
         await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.8)]))
         await until(lambda: any(isinstance(e, ReplyTextDelta) for e in events))
+        await asyncio.sleep(1.6)  # the reply has been read for a while: new speech is a new turn (RESUME_S)
         await feed(session, np.concatenate([tone(0.6), silence(0.8)]))
         await session.drain()
         return session, events
@@ -191,7 +192,7 @@ def test_server_vad_keeps_its_fixed_window_whatever_was_said() -> None:
     ("Yes I can.", COMPLETE), ("I went to the shop and", INCOMPLETE), ("I went out and.", INCOMPLETE),
     ("Tell me about", INCOMPLETE), ("Well, um...", INCOMPLETE), ("So the thing is,", INCOMPLETE),
     ("今天天气怎么样？", COMPLETE), ("我想去北京因为", INCOMPLETE), ("我明天要去，", INCOMPLETE), ("今天天气", UNSURE),
-    ("", UNSURE), ("okay", UNSURE),
+    ("", UNSURE), ("I would like to know", INCOMPLETE), ("123", UNSURE),
 ])  # fmt: skip
 def test_rule_detector_reads_english_and_chinese(text: str, verdict: float) -> None:
     assert RuleTurnDetector().end_probability(text, None) == verdict
@@ -240,3 +241,45 @@ def test_first_clause(text: str, clause: str | None) -> None:
 
     found = first_clause(text)
     assert (found[0] if found else None) == clause
+
+
+def test_speech_resumed_before_the_reply_was_heard_joins_the_turn_it_continues() -> None:
+    """The end of turn took a hesitation for the end: the user goes on before any of the reply was heard. The reply
+    to the fragment is cancelled and leaves the history; the two utterances are one user message, answered once."""
+    from tests.test_session import FakeSpeech
+
+    model = slow(ScriptedModel("Both halves, heard."), 0.01)
+
+    async def scenario() -> tuple[VoiceSession, list[SessionEvent]]:
+        session, events = make(model, speech=FakeSpeech())
+        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.7)]))  # over the 500 ms window
+        await until(lambda: any(isinstance(e, ReplyTextDelta) for e in events))
+        await feed(session, np.concatenate([tone(1.0), silence(0.8)]))
+        await session.drain()
+        return session, events
+
+    session, events = asyncio.run(scenario())
+    dones = [e for e in events if isinstance(e, ReplyDone)]
+    assert [d.status for d in dones] == ["cancelled", "completed"]
+    assert session.chat.conversation.turns == [Message("user", "one two one two"),
+                                               Message("assistant", "Both halves, heard.")]  # fmt: skip
+    assert dones[0].item_id not in session.items and len(session.items) == 2
+
+
+def test_speech_after_the_reply_was_heard_is_a_new_turn() -> None:
+    from tests.test_session import Clock, FakeSpeech
+
+    clock = Clock()
+    model = ScriptedModel("Heard.")
+
+    async def scenario() -> VoiceSession:
+        session, events = make(model, speech=FakeSpeech(), clock=clock)
+        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.7)]))
+        await until(lambda: any(isinstance(e, ReplyDone) for e in events))
+        clock.now += 1.0  # the reply has played for a second
+        await feed(session, np.concatenate([tone(1.0), silence(0.8)]))
+        await session.drain()
+        return session
+
+    turns = asyncio.run(scenario()).chat.conversation.turns
+    assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"] and turns[0].content == "one two"
