@@ -52,6 +52,7 @@ from assistant.asr.text import apply_zh_script
 from assistant.audio.level import StreamLevel, normalize
 from assistant.chat import ChatSession
 from assistant.config import Config, VadConfig, ZhScript
+from assistant.conversation import Conversation
 from assistant.endpointing import FRAME_SAMPLES, Endpointer, SpeechProbability
 from assistant.errors import AsrError, AssistantError, ConfigError, ConversationError, LimitError, OutputError
 from assistant.llm.base import Reply, generation_failed
@@ -1052,7 +1053,7 @@ class _Speculation:
                 raise item
             yield str(item)
 
-    def commit(self, conversation: Any, *, failed: bool) -> Reply | None:
+    def commit(self, conversation: Conversation, *, failed: bool) -> Reply | None:
         """Record the adopted reply in the real ``conversation`` (its user message is there already) as the fork
         recorded it (cut or whole); a failed one takes the user message away again, as ``ChatSession.reply``
         does."""
