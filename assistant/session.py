@@ -85,7 +85,7 @@ from assistant.turn import EAGERNESS_SCALE, TurnDetector, TurnWindows
 
 Emit = Callable[[SessionEvent], Awaitable[None]]
 SYNTHESIS_AHEAD = 2  # sentences of one reply given to the speech worker before the current one is sent
-RESUME_S = 1.5  # speech this soon after a turn ended, before its reply was heard, continues that turn
+RESUME_S = 1.5  # speech this soon after a turn's audio ended, before its reply was heard, continues that turn
 HEARD_S = 0.15  # ... "heard": this much of the reply's audio played
 
 
@@ -314,8 +314,9 @@ class VoiceSession:
         self._speculating: set[_Speculation] = set()  # every one still generating (some wait in queued turns)
         self._segmenting = asyncio.Lock()  # the endpointer is fed (push) or ended early (detector) one at a time
         self._background: set[asyncio.Future[None]] = set()  # small tasks started from callbacks, kept till done
-        self._answered: tuple[str, float] | None = None  # the last spoken turn answered: (user item, its end clock)
+        self._last_turn: _Ended | None = None  # the last spoken turn that ended, for taking it back
         self._resumes: dict[str, str] = {}  # speech item -> the user item it continues (a turn ended too soon)
+        self._continued: set[str] = set()  # user items a resumed speech continues: they get no reply of their own
 
     # --- input ------------------------------------------------------------------------------------------------------
 
@@ -492,9 +493,9 @@ class VoiceSession:
             self._speech_item = new_id("item")
             self._partial_words, self._agreed, self._partial_language = [], 0, None
             detection = self.options.turn_detection
-            if self.options.live and (detection is None or detection.interrupt_response):
-                await self._barge_in()
             at_s = event.at_s + self._segment_offset_s
+            if self.options.live and (detection is None or detection.interrupt_response):
+                await self._barge_in(at_s)
             await self._emit(dataclasses.replace(event, at_s=at_s, item_id=self._speech_item))
             return
         item_id = self._speech_item or new_id("item")
@@ -508,16 +509,18 @@ class VoiceSession:
             speculation = None
         self._partial = self._settled = None
         await self._emit(SpeechStopped(item_id, event.audio.end_s + self._segment_offset_s))
+        self._last_turn = _Ended(item_id, event.audio.end_s + self._segment_offset_s)
         self._turns.put_nowait(_Turn(event.audio, item_id, event.speech_end_clock, ahead, speculation=speculation,
                                      ended=self._clock()))  # fmt: skip
 
-    async def _barge_in(self) -> None:
+    async def _barge_in(self, at_s: float) -> None:
         """The user speaks over the assistant: the reply stops, and a spoken reply still playing is cut where the
         user started. Speech that comes back right after a turn ended, before anything of its reply was heard, is
         the same turn going on (a hesitation the end of turn took for the end): it joins that turn (``_resumed``)."""
-        resumed = self._resumable()
+        resumed = self._resumable(at_s)
         if resumed is not None and self._speech_item is not None:
             self._resumes[self._speech_item] = resumed
+            self._continued.add(resumed)
         if self.cancel("turn_detected"):
             return  # the reply's end truncates it
         last = self.items[-1] if self.items else None
@@ -525,16 +528,21 @@ class VoiceSession:
         if last is not None and spoken is not None and spoken.heard_s(self._clock()) < spoken.audio_s - 0.05:
             await self._truncate(last, spoken.heard_s(self._clock()))
 
-    def _resumable(self) -> str | None:
-        """The user item of the last spoken turn, when it ended less than ``RESUME_S`` ago and no more than
-        ``HEARD_S`` of its reply's audio has played (a text reply: only the time counts)."""
-        if self._answered is None or self._clock() - self._answered[1] > RESUME_S:
+    def _resumable(self, at_s: float) -> str | None:
+        """The user item of the last spoken turn when speech starting at ``at_s`` (seconds of the session's audio)
+        continues it: less than ``RESUME_S`` of audio after that turn's end, and nothing of its reply reached the
+        user (no reply yet; a spoken reply with no more than ``HEARD_S`` of its audio played; a text reply with no
+        text sent yet)."""
+        ended = self._last_turn
+        if ended is None or at_s - ended.end_s > RESUME_S:
             return None
-        voice = self._response_voice
-        spoken = voice.spoken if voice is not None else self._spoken.get(self.items[-1]) if self.items else None
-        if spoken is not None and spoken.heard_s(self._clock()) > HEARD_S:
-            return None
-        return self._answered[0]
+        if ended.reply is None:
+            return ended.item_id
+        voice = self._response_voice if ended.reply == self._response_item else None
+        spoken = voice.spoken if voice is not None else self._spoken.get(ended.reply)
+        if spoken is not None:
+            return ended.item_id if spoken.heard_s(self._clock()) <= HEARD_S else None
+        return ended.item_id if voice is not None and not voice.text else None
 
     async def _resumed(self, fragment: str) -> bool:
         """Undo the reply to ``fragment`` (the user item a resumed speech continues) so the speech joins it: the
@@ -761,6 +769,7 @@ class VoiceSession:
             if speculation is not None:
                 self._drop(speculation, "wasted")
             await self._emit(TranscriptFailed(turn.item_id, exc))
+            await self._answer_fragment(turn)
             return
         transcribed = self._clock()
         await self._after_response()  # the previous reply ends first (a barge-in cut it already)
@@ -771,6 +780,7 @@ class VoiceSession:
             self._drop(speculation, "wasted")
             speculation = None
         if not text:
+            await self._answer_fragment(turn)
             return  # noise: no turn
         message = Message("user", text)
         fragment = self._resumes.pop(turn.item_id, None)
@@ -785,13 +795,30 @@ class VoiceSession:
             await self._emit(ItemDeleted(replaced))
             message = merged
         await self._emit(ItemAdded(turn.item_id, self._previous(turn.item_id), message))
+        if turn.item_id in self._continued:  # the user went on: the reply waits for the rest of the turn
+            self._continued.discard(turn.item_id)
+            if speculation is not None:
+                self._drop(speculation, "wasted")
+            return
         if detection is not None and detection.create_response:  # manual turns wait for response.create
-            self._answered = (turn.item_id, turn.ended or self._clock())
             breakdown = self._breakdown(turn, started)
             if speculation is not None:
                 await self._emit(SpeculationDone("used", (self._clock() - speculation.started) * 1000))
             await self._start_response(ResponseOptions(), (started, transcribed, audio.duration_s),
                                        adopted=speculation, breakdown=breakdown)  # fmt: skip
+            if self._last_turn is not None and self._last_turn.item_id == turn.item_id:
+                self._last_turn.reply = self._response_item
+
+    async def _answer_fragment(self, turn: _Turn) -> None:
+        """Speech that was to continue a turn came to nothing (noise, a failed recognition): the turn it was to
+        continue is answered as it is, when it is still the last message and unanswered."""
+        fragment = self._resumes.pop(turn.item_id, None)
+        if fragment is None or not self.items or self.items[-1] != fragment:
+            return
+        self._continued.discard(fragment)
+        turns, detection = self.chat.conversation.turns, self.options.turn_detection
+        if turns and turns[-1].role == "user" and detection is not None and detection.create_response:
+            await self._start_response(ResponseOptions(), (turn.speech_end, self._clock(), 0.0))
 
     def _breakdown(self, turn: _Turn, speech_end: float) -> dict[str, Any]:
         """Where a spoken turn's time went before its reply (``TurnMetrics``' breakdown fields), in ms from the end
@@ -1005,6 +1032,16 @@ class VoiceSession:
 _END = object()
 
 
+@dataclass
+class _Ended:
+    """The last spoken turn that ended: its user item, where its audio ended (seconds of the session's audio), and
+    its reply's item once started."""
+
+    item_id: str
+    end_s: float
+    reply: str | None = None
+
+
 class _Speculation:
     """A reply started in a pause, before the turn is known to be over: on a fork of the conversation with the
     pause's transcript as the user's message, on the model worker, its deltas held here. When the turn ends with
@@ -1084,6 +1121,11 @@ class _Voice:
         self._sentences: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()  # (sentence, its end in the text)
         self._pump = asyncio.ensure_future(self._play()) if speech is not None else None
         self._failed = False
+
+    @property
+    def text(self) -> str:
+        """The reply's text sent so far."""
+        return self._text
 
     def add_text(self, delta: str) -> None:
         """Queue every sentence the reply has completed (its end position in the text kept for truncation)."""

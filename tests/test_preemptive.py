@@ -283,3 +283,35 @@ def test_speech_after_the_reply_was_heard_is_a_new_turn() -> None:
 
     turns = asyncio.run(scenario()).chat.conversation.turns
     assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"] and turns[0].content == "one two"
+
+
+class ListedTranscriber(WordsTranscriber):
+    """Hears the given texts, one per final recognition, slowly (the turn is still being recognised when the user
+    goes on)."""
+
+    def __init__(self, texts: list[str], delay_s: float = 0.4) -> None:
+        super().__init__()
+        self._texts, self._delay_s = texts, delay_s
+
+    def transcribe_many(self, audios: Sequence[Audio], *, language: str | None, task: str = "transcribe",
+                        timestamps: bool = True) -> list[Transcript]:  # fmt: skip
+        time.sleep(self._delay_s)
+        return [Transcript(self._texts.pop(0), "en", (), audio.duration_s) for audio in audios]
+
+
+@pytest.mark.parametrize(("heard", "asked"), [
+    (["I would like to know", "the capital of France."], "I would like to know the capital of France."),
+    (["I would like to know", ""], "I would like to know"),  # the rest was noise: the first part is answered
+])  # fmt: skip
+def test_speech_that_resumes_before_the_turn_is_answered_joins_it(heard: list[str], asked: str) -> None:
+    model = ScriptedModel("Paris.")
+
+    async def scenario() -> VoiceSession:
+        session, _ = make(model, transcriber=ListedTranscriber(list(heard)), preemptive=False)
+        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.6), tone(1.0), silence(0.8)]))
+        await session.drain()
+        return session
+
+    session = asyncio.run(scenario())
+    assert session.chat.conversation.turns == [Message("user", asked), Message("assistant", "Paris.")]
+    assert len(model.prompts) == 1  # answered once

@@ -46,6 +46,7 @@ class ListTranscriber:
 class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []
+        self.text_seen = threading.Event()  # some reply text reached the console
 
     def partial(self, text: str) -> None:
         self.events.append(("partial", text))
@@ -54,7 +55,7 @@ class Recorder:
         self.events.append(("transcript", text))
 
     def delta(self, text: str) -> None:
-        pass
+        self.text_seen.set()
 
     def audio(self, audio: Audio) -> None:
         self.events.append(("audio", audio))
@@ -75,11 +76,13 @@ class Recorder:
 class ScriptedSource:
     """Plays phrases; with ``wait_for`` set, the later phrases start only once a reply is streaming."""
 
-    def __init__(self, phrases: int, *, live: bool = True, fail_after: int | None = None) -> None:
+    def __init__(self, phrases: int, *, live: bool = True, fail_after: int | None = None,
+                 pause_s: float = 2.0) -> None:  # fmt: skip
         self.live = live
         self.wait_for: threading.Event | None = None
         self._phrases = phrases
         self._fail_after = fail_after
+        self._pause_s = pause_s  # after each phrase: over session.RESUME_S, so the next one is a turn of its own
 
     def chunks(self) -> Iterator[np.ndarray | EndOfRecording | Exception]:
         for index in range(self._phrases):
@@ -87,7 +90,7 @@ class ScriptedSource:
                 raise AudioSourceError("the microphone 'USB mic' stopped delivering audio")
             if index > 0 and self.wait_for is not None:
                 assert self.wait_for.wait(10)
-            yield np.concatenate([tone(0.6), silence(0.8)])
+            yield np.concatenate([tone(0.6), silence(self._pause_s)])
 
     def close(self) -> None:
         pass
@@ -116,7 +119,7 @@ def test_speaking_over_a_reply_cuts_it_and_takes_the_new_turn() -> None:
     model.on_token = lambda index: time.sleep(0.01)  # 560 tokens: several seconds if nobody interrupts
     source = ScriptedSource(2)
     chat, recorder = voice(source, ["tell me everything", "stop, what time is it"], model)
-    source.wait_for = chat._replying
+    source.wait_for = recorder.text_seen  # the user has seen the reply begin, then speaks
     started = time.monotonic()
     assert chat.run() == 0
     assert time.monotonic() - started < 4
