@@ -227,6 +227,12 @@ def test_client_truncate_retrieve_delete_and_bad_input_get_errors(server: str) -
             # the session goes on: another typed turn is answered
             await ws.send(json.dumps({"type": "session.update", "session": {"output_modalities": ["text"]}}))
             await events_until(ws, "session.updated")
+            # a partial turn_detection update keeps the type it does not name (semantic_vad, the default)
+            await ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+                "silence_duration_ms": 800, "eagerness": None}}}}}))  # fmt: skip
+            detection = (await events_until(ws, "session.updated"))[-1]["session"]["audio"]["input"]["turn_detection"]
+            assert (detection["type"], detection["silence_duration_ms"], detection["eagerness"]) == (
+                "semantic_vad", 800, "auto")  # fmt: skip
             await ws.send(
                 json.dumps(
                     {

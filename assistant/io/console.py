@@ -271,23 +271,27 @@ class ConsoleSink:
     def turn_done(self, transcript: str, reply: str, metrics: TurnMetrics) -> None:
         print(" [cut]" if metrics.cut else "", flush=True)
         if self._verbose:
-            print(
-                f"[{metrics.audio_s:.1f} s of speech; end of speech -> transcript "
-                f"{metrics.speech_end_to_transcript_ms:.0f} ms -> first reply character "
-                f"{metrics.transcript_to_first_char_ms:.0f} ms (total {metrics.speech_end_to_first_char_ms:.0f} ms"
-                + (
-                    f", first audio {metrics.speech_end_to_first_audio_ms:.0f} ms"
-                    if metrics.speech_end_to_first_audio_ms is not None
-                    else ""
-                )
-                + "); "
-                f"{metrics.tokens_per_s:.1f} tok/s]",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(_latency_line(metrics), file=sys.stderr, flush=True)
 
     def error(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     def notice(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
+
+
+def _latency_line(metrics: TurnMetrics) -> str:
+    """``--verbose``: a turn's latency and where it went, in ms from the end of speech."""
+    audio = metrics.speech_end_to_first_audio_ms
+    parts = [f"{metrics.audio_s:.1f} s of speech; end of speech -> transcript "
+             f"{metrics.speech_end_to_transcript_ms:.0f} ms -> first reply character "
+             f"{metrics.transcript_to_first_char_ms:.0f} ms (total {metrics.speech_end_to_first_char_ms:.0f} ms"
+             + (f", first audio {audio:.0f} ms" if audio is not None else "") + ")"]  # fmt: skip
+    breakdown = [(name, value) for name, value in (("turn ended", metrics.endpoint_ms),
+                 ("recognition started", metrics.asr_start_ms), ("recognition ran", metrics.asr_ms),
+                 ("first token", metrics.first_token_ms)) if value is not None]  # fmt: skip
+    if breakdown:
+        parts.append(", ".join(f"{name} {value:.0f}" for name, value in breakdown)
+                     + (", preemptive" if metrics.preemptive else ""))  # fmt: skip
+    parts.append(f"{metrics.tokens_per_s:.1f} tok/s")
+    return "[" + "; ".join(parts) + "]"

@@ -899,7 +899,7 @@ class _SessionUpdate:
         if value is None:
             self._replace(turn_detection=None)
             return
-        if not isinstance(value, dict) or value.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
+        if not isinstance(value, dict) or value.get("type", "semantic_vad") not in ("server_vad", "semantic_vad"):
             raise ConfigError(f"session.update: {where} must be null, {{type: server_vad, ...}} or "
                               "{type: semantic_vad, ...}")  # fmt: skip
         base = self.options.turn_detection or _default_detection(self._owner._config)
@@ -907,12 +907,14 @@ class _SessionUpdate:
                  "interrupt_response", "idle_timeout_ms", "eagerness"}  # fmt: skip
         for key in set(value) - known:
             raise ConfigError(f"session.update: unknown key {where}.{key}")
-        changes: dict[str, Any] = {"type": value.get("type", "server_vad")}
-        if "eagerness" in value:
-            if value.get("type") != "semantic_vad" or value["eagerness"] not in EAGERNESS_SCALE:
+        changes: dict[str, Any] = {"type": value.get("type", base.type)}  # left out: as it is
+        if value.get("eagerness") is not None:  # null: the default (auto)
+            if changes["type"] != "semantic_vad" or value["eagerness"] not in EAGERNESS_SCALE:
                 raise ConfigError(f"session.update: {where}.eagerness takes {', '.join(EAGERNESS_SCALE)}, with "
                                   "type semantic_vad")  # fmt: skip
             changes["eagerness"] = value["eagerness"]
+        elif "eagerness" in value:
+            changes["eagerness"] = "auto"
         if "threshold" in value:
             threshold = value["threshold"]
             if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 < threshold < 1:
