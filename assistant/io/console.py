@@ -12,6 +12,8 @@ cannot be told fails its own turn with one line on stderr.
 
 from __future__ import annotations
 
+import codecs
+import io
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,8 +231,19 @@ def _piped_reader(decoder: LineDecoder) -> Callable[[str], str | None]:
     """Lines of piped or redirected stdin, read as bytes and decoded line by line (one GBK line does not end the
     batch); the prompt is not shown."""
 
+    stream = sys.stdin.buffer
+    peek = getattr(stream, "peek", None)
+    if peek is not None and peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # Notepad, PowerShell
+        text = io.TextIOWrapper(stream, encoding="utf-16", errors="replace")
+
+        def read_utf16(_prompt: str) -> str | None:
+            line = text.readline()
+            return decoder.clean(line.rstrip("\r\n")) if line else None
+
+        return read_utf16
+
     def read(_prompt: str) -> str | None:
-        raw = sys.stdin.buffer.readline()
+        raw = stream.readline()
         return decoder.decode(raw.rstrip(b"\r\n")) if raw else None
 
     return read

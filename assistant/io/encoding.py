@@ -23,6 +23,7 @@ CANDIDATES = ("gb18030", "big5", "shift_jis", "euc_kr", "cp1252", "cp1251")  # t
 # in this order of preference on a tie: Chinese (simplified, traditional), Japanese, Korean, Western European, Cyrillic
 MAX_PROPOSALS = 8  # charset-normalizer's candidates considered per line
 _ASCII_SAMPLE = b"Hello, world 0-9 (a/b) ~?"  # what an encoding a console uses reads unchanged
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls but tab and newline, and DEL
 _WORDS = re.compile(r"\w+|\W")  # words (runs of letters and digits), and each other character alone
 
 
@@ -34,10 +35,11 @@ class LineDecoder:
 
     def decode(self, raw: bytes) -> str:
         """The text of ``raw``; InputEncodingError when no encoding gives text made of common characters."""
+        raw = raw.removeprefix(codecs.BOM_UTF8)  # a file saved "UTF-8 with BOM" (Notepad)
         for encoding in self._known:
             text = _decoded(raw, encoding)
             if text is not None and (encoding == "utf-8" or common_share(text) >= MIN_COMMON):
-                return text
+                return self.clean(text)
         encoding, text = _detect(raw, self._known)
         if text is None:
             raise InputEncodingError(
@@ -45,7 +47,13 @@ class LineDecoder:
                 "or name its encoding before the command: PYTHONIOENCODING=gbk assistant ..."
             )
         self._known.append(encoding)
-        return text
+        return self.clean(text)
+
+    @staticmethod
+    def clean(text: str) -> str:
+        """``text`` without a byte-order mark and control characters (a NUL, an escape), tabs kept: nothing a
+        person meant to send the model."""
+        return _CONTROL.sub("", text.removeprefix("\ufeff"))
 
 
 def common_share(text: str) -> float:
