@@ -144,7 +144,7 @@ PAUSED = [  # (before the pause, pause s, after it): hesitations mid-sentence, w
 MODES = {  # name -> server overrides
     "preemptive (turn.preemptive, semantic_vad rules)": [],
     "no preemption, semantic_vad rules": ["turn.preemptive=false"],
-    "no preemption, fixed 500 ms window (before)": ["turn.preemptive=false", "turn.detector=fixed"],
+    "no preemption, fixed 500 ms window": ["turn.preemptive=false", "turn.detector=fixed"],
 }
 
 
