@@ -96,11 +96,6 @@ class Endpointer:
             self._preroll.clear()
 
     @property
-    def silence_ms(self) -> float:
-        """The pause so far after the utterance's last speech frame, in ms (0 while speaking)."""
-        return self._silence_run * FRAME_S * 1000
-
-    @property
     def pad_samples(self) -> int:
         """Samples of padding an utterance keeps after its last speech frame."""
         return self._pad * FRAME_SAMPLES

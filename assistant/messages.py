@@ -229,7 +229,7 @@ class TurnMetrics:
     speech_end_to_first_audio_ms: float | None = None
     # the breakdown (spoken turns): where the time from the end of speech to the first character went
     endpoint_ms: float | None = None  # end of speech -> the turn ended (the silence the end-of-turn rule asked for)
-    asr_start_ms: float | None = None  # end of speech -> recognition of the final transcript started (may be < 0)
+    asr_start_ms: float | None = None  # end of speech -> recognition of the final transcript started
     asr_ms: float | None = None  # that recognition's own run on the model worker
     first_token_ms: float | None = None  # the chat model's request -> first token (prefill, mostly)
     preemptive: bool = False  # the reply was started in the pause and held until the turn ended

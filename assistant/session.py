@@ -74,6 +74,7 @@ from assistant.messages import (
     SpeculationDone,
     SpeechStarted,
     SpeechStopped,
+    Transcript,
     TranscriptFailed,
     TranscriptFinal,
     TranscriptPartial,
@@ -342,7 +343,7 @@ class VoiceSession:
             events = await asyncio.to_thread(lambda: list(segmenter.push(samples)))
             for event in events:
                 await self._segmented(event)
-        await self._check_speculation()
+        self._check_speculation()
         self._speculate()
 
     async def commit(self) -> None:
@@ -661,7 +662,7 @@ class VoiceSession:
             for event in list(endpointer.end_if_silent()):
                 await self._segmented(event)
 
-    async def _check_speculation(self) -> None:
+    def _check_speculation(self) -> None:
         """The user went on speaking (or the pause changed): the reply started in the pause is dropped."""
         speculation = self._speculation
         if (
@@ -716,7 +717,7 @@ class VoiceSession:
             result = self._finals([audio], language)[0]
         return apply_zh_script(result, self._services.zh_script).text.strip(), result.language
 
-    def _finals(self, audios: list[Audio], language: str | None) -> list[Any]:
+    def _finals(self, audios: list[Audio], language: str | None) -> list[Transcript]:
         """Final transcripts of live utterances: at the utterance's own cost where the backend can
         (``LiveTranscriber``: a short encoder window, the same words), else ``transcribe_many``."""
         transcriber = self._services.transcriber

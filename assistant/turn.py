@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from assistant.config import TurnConfig
+from assistant.tts.base import has_cjk
 
 
 class TurnDetector(Protocol):
@@ -63,16 +64,16 @@ class RuleTurnDetector:
             return INCOMPLETE
         body = stripped.rstrip('.?!。？！"”)） ')
         words = _EN_WORD.findall(body[-40:])
-        last = words[-1].lower() if words and not _has_cjk(body[-1:]) else ""
+        last = words[-1].lower() if words and not has_cjk(body[-1:]) else ""
         if last in _EN_CONNECTORS or (last in _EN_PREPOSITIONS and not stripped.endswith(("?", "!"))):
             return INCOMPLETE
-        if _has_cjk(body[-1:]) and body.endswith(_ZH_CONTINUES):
+        if has_cjk(body[-1:]) and body.endswith(_ZH_CONTINUES):
             return INCOMPLETE
         if stripped.endswith(_FINISHED):
             return COMPLETE
         # Whisper closes an English sentence it heard finish with a mark; without one, the speaker is mid-clause.
         # Chinese transcripts often have no marks at all: there the rules cannot tell.
-        return UNSURE if _has_cjk(body[-1:]) or not last else INCOMPLETE
+        return UNSURE if has_cjk(body[-1:]) or not last else INCOMPLETE
 
 
 class FixedTurnDetector:
@@ -83,10 +84,6 @@ class FixedTurnDetector:
 
     def end_probability(self, text: str, language: str | None) -> float:
         return UNSURE
-
-
-def _has_cjk(text: str) -> bool:
-    return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
 
 
 @dataclass(frozen=True)

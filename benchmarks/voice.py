@@ -62,10 +62,7 @@ def make_questions(count: int, folder: Path) -> list[tuple[Path, float, str]]:
     for index, question in enumerate(QUESTIONS[:count]):
         raw, path = folder / f"q{index}.raw.wav", folder / f"q{index}.wav"
         subprocess.run(["espeak-ng", "-v", "en-us", "-s", "130", "-w", str(raw), question], check=True)
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(raw), "-af",
-                        f"adelay={int(LEAD_S * 1000)},apad=pad_dur={TRAILING_SILENCE_S}", "-ar", "16000", "-ac", "1",
-                        str(path)], check=True)  # fmt: skip
-        made.append((path, speech_end_s(path), question))
+        made.append((*as_spoken(raw, path), question))
     return made
 
 
@@ -166,11 +163,17 @@ def make_paused(count: int, folder: Path) -> list[tuple[Path, float, str]]:
         joined = folder / f"p{index}.joined.wav"
         soundfile.write(str(joined), np.concatenate([pieces[0], gap, pieces[1]]), rate)
         path = folder / f"p{index}.wav"
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(joined), "-af",
-                        f"adelay={int(LEAD_S * 1000)},apad=pad_dur={TRAILING_SILENCE_S}", "-ar", "16000", "-ac", "1",
-                        str(path)], check=True)  # fmt: skip
-        made.append((path, speech_end_s(path), f"{before} {after}"))
+        made.append((*as_spoken(joined, path), f"{before} {after}"))
     return made
+
+
+def as_spoken(source: Path, path: Path) -> tuple[Path, float]:
+    """``source`` at 16 kHz mono in ``path``, with ``LEAD_S`` of silence before and ``TRAILING_SILENCE_S`` after:
+    (path, seconds to its end of speech)."""
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(source), "-af",
+                    f"adelay={int(LEAD_S * 1000)},apad=pad_dur={TRAILING_SILENCE_S}", "-ar", "16000", "-ac", "1",
+                    str(path)], check=True)  # fmt: skip
+    return path, speech_end_s(path)
 
 
 def speech_end_s(path: Path) -> float:

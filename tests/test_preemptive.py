@@ -65,6 +65,14 @@ def slow(model: ScriptedModel, seconds: float = 0.002) -> ScriptedModel:
     return model
 
 
+async def reply_started_in_a_pause(model: ScriptedModel) -> tuple[VoiceSession, list[SessionEvent]]:
+    """A second of speech, then 0.3 s of pause: the reply is being generated, before the 500 ms window ended."""
+    session, events = make(model)
+    await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.3)]))
+    await until(lambda: len(model.prompts) == 1)
+    return session, events
+
+
 def outcomes(events: list[SessionEvent]) -> list[str]:
     return [event.outcome for event in events if isinstance(event, SpeculationDone)]
 
@@ -73,9 +81,7 @@ def test_the_reply_starts_in_the_pause_and_streams_only_once_the_turn_ends() -> 
     model = slow(ScriptedModel("Paris is the capital of France."))
 
     async def scenario() -> tuple[VoiceSession, list[SessionEvent], list[str]]:
-        session, events = make(model)
-        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.3)]))
-        await until(lambda: len(model.prompts) == 1)  # generating, in the pause, before the 500 ms window ended
+        session, events = await reply_started_in_a_pause(model)
         await asyncio.sleep(0.2)  # and held: nothing of it is sent
         before = kinds(events)
         await feed(session, silence(0.5))
@@ -99,9 +105,7 @@ def test_a_pause_that_resumes_is_one_turn_and_its_speculation_leaves_no_trace() 
     model = slow(ScriptedModel("Four words, heard."))
 
     async def scenario() -> tuple[VoiceSession, list[SessionEvent]]:
-        session, events = make(model)
-        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.3)]))
-        await until(lambda: len(model.prompts) == 1)
+        session, events = await reply_started_in_a_pause(model)
         await feed(session, np.concatenate([tone(1.0), silence(0.8)]))  # the user goes on, then stops
         await session.drain()
         return session, events
@@ -121,9 +125,7 @@ def test_a_change_to_the_conversation_in_the_pause_wastes_the_speculation() -> N
     model = slow(ScriptedModel("Arr."))
 
     async def scenario() -> tuple[VoiceSession, list[SessionEvent]]:
-        session, events = make(model)
-        await feed(session, np.concatenate([silence(0.3), tone(1.0), silence(0.3)]))
-        await until(lambda: len(model.prompts) == 1)
+        session, events = await reply_started_in_a_pause(model)
         session.chat.conversation.system = "You are a pirate."  # what session.update instructions does
         await feed(session, silence(0.5))
         await session.drain()
