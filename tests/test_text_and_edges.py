@@ -77,12 +77,12 @@ def test_times_come_back_on_the_callers_audio_clamped_to_it() -> None:
 def test_byte_order_marks_and_control_characters_never_reach_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from assistant.io.console import _piped_reader
+    from assistant.io.encoding import piped_reader
 
     decoder = LineDecoder("utf-8")
     assert decoder.decode(b"\xef\xbb\xbfhello") == "hello"  # saved as "UTF-8 with BOM"
     assert decoder.decode(b"hello\x00world\x1b[0m\tend") == "helloworld[0m\tend"
     utf16 = "hello\n2+2?\n你好\n".encode("utf-16")  # Notepad's "Unicode", PowerShell's Out-File
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(utf16))))
-    read = _piped_reader(LineDecoder("utf-8"))
+    read = piped_reader(LineDecoder("utf-8"))
     assert [read(""), read(""), read(""), read("")] == ["hello", "2+2?", "你好", None]

@@ -77,17 +77,19 @@ class RealtimeClient:
 
     async def text_turns(self) -> None:
         """Each stdin line a turn, in any encoding (``assistant.io.encoding``); a line that is no text fails alone."""
-        from assistant.io.encoding import LineDecoder
+        from assistant.io.encoding import LineDecoder, piped_reader
 
         loop = asyncio.get_running_loop()
-        decoder = LineDecoder(sys.stdin.encoding)
-        while raw := await loop.run_in_executor(None, sys.stdin.buffer.readline):
+        read = piped_reader(LineDecoder(sys.stdin.encoding))
+        while True:
             try:
-                line = decoder.decode(raw.rstrip(b"\r\n"))
+                line = await loop.run_in_executor(None, read, "")
             except AssistantError as exc:
                 self.errors += 1
                 print(exc, file=sys.stderr, flush=True)
                 continue
+            if line is None:
+                break
             if not line.strip():
                 continue
             self.pending += 1

@@ -12,8 +12,6 @@ cannot be told fails its own turn with one line on stderr.
 
 from __future__ import annotations
 
-import codecs
-import io
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from assistant.chat import ChatSession
 from assistant.config import OutputConfig
 from assistant.conversation import Conversation
 from assistant.errors import AssistantError, CommandError
-from assistant.io.encoding import LineDecoder
+from assistant.io.encoding import LineDecoder, piped_reader
 from assistant.llm.base import Reply
 from assistant.messages import Audio, TurnMetrics
 
@@ -167,7 +165,7 @@ class ConsoleChat:
 
 def run_console(session: ChatSession, options: ConsoleOptions) -> int:
     decoder = LineDecoder(sys.stdin.encoding)
-    read_line = _terminal_reader(decoder) if options.interactive else _piped_reader(decoder)
+    read_line = _terminal_reader(decoder) if options.interactive else piped_reader(decoder)
     return ConsoleChat(session, options, out=sys.stdout, err=sys.stderr).run(continued(read_line))
 
 
@@ -225,28 +223,6 @@ def _readable(line: str, decoder: LineDecoder) -> str:
     except UnicodeEncodeError:
         return decoder.decode(line.encode(sys.stdin.encoding or "utf-8", "surrogateescape"))
     return line
-
-
-def _piped_reader(decoder: LineDecoder) -> Callable[[str], str | None]:
-    """Lines of piped or redirected stdin, read as bytes and decoded line by line (one GBK line does not end the
-    batch); the prompt is not shown."""
-
-    stream = sys.stdin.buffer
-    peek = getattr(stream, "peek", None)
-    if peek is not None and peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # Notepad, PowerShell
-        text = io.TextIOWrapper(stream, encoding="utf-16", errors="replace")
-
-        def read_utf16(_prompt: str) -> str | None:
-            line = text.readline()
-            return decoder.clean(line.rstrip("\r\n")) if line else None
-
-        return read_utf16
-
-    def read(_prompt: str) -> str | None:
-        raw = stream.readline()
-        return decoder.decode(raw.rstrip(b"\r\n")) if raw else None
-
-    return read
 
 
 class ConsoleSink:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import codecs
 import io
 import re
+import sys
 import unicodedata
+from collections.abc import Callable
 from typing import TextIO
 
 from assistant.errors import InputEncodingError
@@ -172,3 +174,26 @@ def tolerant_output(*streams: TextIO) -> None:
     for stream in streams:
         if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="replace")
+
+
+def piped_reader(decoder: LineDecoder) -> Callable[[str], str | None]:
+    """Lines of piped or redirected stdin, read as bytes and decoded line by line (one GBK line does not end the
+    batch; its ``read`` raises InputEncodingError and the next call reads on); None at the end. UTF-16 with a
+    byte-order mark is read as such. ``read`` takes a prompt, not shown, to stand in for ``input``."""
+
+    stream = sys.stdin.buffer
+    peek = getattr(stream, "peek", None)
+    if peek is not None and peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # Notepad, PowerShell
+        text = io.TextIOWrapper(stream, encoding="utf-16", errors="replace")
+
+        def read_utf16(_prompt: str) -> str | None:
+            line = text.readline()
+            return decoder.clean(line.rstrip("\r\n")) if line else None
+
+        return read_utf16
+
+    def read(_prompt: str) -> str | None:
+        raw = stream.readline()
+        return decoder.decode(raw.rstrip(b"\r\n")) if raw else None
+
+    return read
