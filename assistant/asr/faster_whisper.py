@@ -245,8 +245,7 @@ class FasterWhisperTranscriber:
 
         model = self._model
         features = model.feature_extractor(audio.samples)  # (mel bins, 10 ms frames)
-        frames = min(FULL_WINDOW_FRAMES, -(-features.shape[-1] // PARTIAL_STEP_FRAMES) * PARTIAL_STEP_FRAMES
-                     + PARTIAL_MARGIN_FRAMES)  # fmt: skip
+        frames = live_frames(features.shape[-1], PARTIAL_STEP_FRAMES, PARTIAL_MARGIN_FRAMES)
         window = np.zeros((features.shape[0], frames), dtype=np.float32)
         window[:, : min(frames, features.shape[-1])] = features[:, :frames]
         encoded = model.encode(window)
@@ -393,10 +392,11 @@ def _words(words: Sequence[Any]) -> tuple[Word, ...]:
     return tuple(Word(w.word, w.start, w.end, w.probability) for w in words)
 
 
-def live_frames(frames: int) -> int:
-    """The encoder window ``transcribe_live`` gives ``frames`` mel frames of audio: rounded up to
-    ``LIVE_STEP_FRAMES``, plus ``LIVE_MARGIN_FRAMES`` of silence, at most Whisper's 3000 (10 ms frames)."""
-    return min(FULL_WINDOW_FRAMES, -(-frames // LIVE_STEP_FRAMES) * LIVE_STEP_FRAMES + LIVE_MARGIN_FRAMES)
+def live_frames(frames: int, step: int = LIVE_STEP_FRAMES, margin: int = LIVE_MARGIN_FRAMES) -> int:
+    """The shortened encoder window for ``frames`` mel frames of audio (10 ms each): rounded up to ``step``, plus
+    ``margin`` of silence, at most Whisper's 3000. ``transcribe_live``'s by default; ``transcribe_partial`` passes
+    its own step and margin."""
+    return min(FULL_WINDOW_FRAMES, -(-frames // step) * step + margin)
 
 
 def _device(device: str, cuda_count: int) -> tuple[str, int]:

@@ -180,10 +180,18 @@ class AccessGuard:
         return f"the request body is over server.max_upload_mb ({self._limit / 1048576:g} MB)"
 
 
+def openai_type(status: int) -> str:
+    """OpenAI's error ``type`` for a status: its request-rate 429s say ``requests``, server faults
+    ``server_error``, every other refusal ``invalid_request_error``."""
+    if status == 429:
+        return "requests"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
 async def _refuse(send: Send, status: int, code: str, message: str, *, prefix: str = "") -> None:
     """An HTTP answer in OpenAI's error shape (``prefix`` "websocket.": ASGI's denial response to a handshake)."""
-    kind = "server_error" if status >= 500 else "invalid_request_error"  # OpenAI's error types
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    error = {"message": message, "type": openai_type(status), "param": None, "code": code}
+    body = json.dumps({"error": error}).encode()
     await send({"type": prefix + "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})  # fmt: skip

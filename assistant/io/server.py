@@ -52,7 +52,7 @@ from assistant.errors import (
     public_message,
 )
 from assistant.files import ExclusiveLock
-from assistant.io.access import AccessGuard, AccessPolicy, is_loopback
+from assistant.io.access import AccessGuard, AccessPolicy, is_loopback, openai_type
 from assistant.io.chat_request import ChatRequest, chat_request
 from assistant.io.conversations import ConversationStore, describe, items
 from assistant.io.metrics import ServerMetrics
@@ -291,14 +291,6 @@ def check_exposure(config: Config) -> None:
 def status_of(exc: AssistantError, default: int = 500) -> int:
     """The HTTP status of an error: by its code; any other refused request field is a 400."""
     return _STATUS.get(exc.code) or (400 if isinstance(exc, ConfigError) else default)
-
-
-def openai_type(status: int) -> str:
-    """OpenAI's error ``type`` for a status: its request-rate 429s say ``requests``, server faults
-    ``server_error``, every other refusal ``invalid_request_error``."""
-    if status == 429:
-        return "requests"
-    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 def error_body(exc: AssistantError, status: int | None = None) -> dict[str, Any]:
